@@ -1,0 +1,5 @@
+"""``python -m pneumoscan``."""
+
+from pneumoscan.cli import main
+
+main()

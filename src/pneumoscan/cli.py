@@ -1,0 +1,194 @@
+"""``pneumoscan train | evaluate | predict | serve | backbones``.
+
+Each command parses its options, imports the one module it needs, and calls one function.
+Errors a user can cause (:class:`~pneumoscan.errors.PneumoscanError`) are printed as one line
+without a traceback and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pneumoscan.errors import PneumoscanError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Pneumonia detection on chest X-rays: train, evaluate, predict, serve.")
+
+ModelOption = Annotated[Optional[Path], typer.Option(
+    "--model", help="Model bundle directory (default: the bundled model).")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="Kaggle-layout root holding train/ (and val/).")],
+    out: Annotated[Path, typer.Option(help="Run directory: checkpoints, logs, curves, bundle/.")],
+    backbone: Annotated[str, typer.Option(help="Backbone name (see 'pneumoscan backbones').")] = "efficientnet_lite0",
+    weights: Annotated[str, typer.Option(help="imagenet, none (random init) or a path to a weights file.")] = "imagenet",
+    head: Annotated[str, typer.Option(help="seed (Flatten-512-128-2) or pool (GAP-dropout-2).")] = "pool",
+    input_size: Annotated[int, typer.Option(help="Square input size in pixels.")] = 224,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping may end sooner).")] = 6,
+    frozen_epochs: Annotated[int, typer.Option(help="Epochs with the whole backbone frozen.")] = 2,
+    finetune_blocks: Annotated[int, typer.Option(help="Backbone blocks unfrozen after the frozen epochs.")] = 2,
+    finetune_lr_factor: Annotated[float, typer.Option(help="LR multiplier for unfrozen blocks.")] = 0.1,
+    lr: Annotated[float, typer.Option(help="Learning rate of the head.")] = 1e-3,
+    weight_decay: float = 1e-4,
+    dropout: float = 0.5,
+    batch_size: Annotated[int, typer.Option(help="Images per training step (16 is fastest on a small CPU).")] = 16,
+    val_fraction: Annotated[float, typer.Option(help="Share of patients carved from train for validation.")] = 0.1,
+    seed: int = 0,
+    patience: Annotated[int, typer.Option(help="Early-stopping patience on validation loss.")] = 3,
+    rotation: Annotated[float, typer.Option(help="Augmentation: max rotation in degrees.")] = 30.0,
+    translate: Annotated[float, typer.Option(help="Augmentation: max shift as a fraction.")] = 0.2,
+    scale_min: float = 0.8,
+    scale_max: float = 1.2,
+    shear: Annotated[float, typer.Option(help="Augmentation: max shear in degrees.")] = 10.0,
+    brightness: float = 0.2,
+    hflip: Annotated[bool, typer.Option("--hflip/--no-hflip")] = True,
+    no_augment: Annotated[bool, typer.Option("--no-augment", help="Switch all augmentation off.")] = False,
+    class_weighting: Annotated[bool, typer.Option("--class-weighting/--no-class-weighting")] = True,
+    num_workers: int = 0,
+    accelerator: str = "auto",
+    devices: Annotated[str, typer.Option(help="Lightning devices: auto, a count, or ids.")] = "auto",
+    num_nodes: int = 1,
+    strategy: Annotated[str, typer.Option(help="Lightning strategy, e.g. ddp.")] = "auto",
+    precision: str = "32-true",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoints/last.ckpt.")] = False,
+    limit_train_batches: Annotated[float, typer.Option(help="Fraction (<=1) or number of train batches per epoch.")] = 1.0,
+    fp32_bundle: Annotated[bool, typer.Option("--fp32-bundle", help="Store float32 weights (default fp16).")] = False,
+) -> None:
+    """Train a classifier and write OUT/bundle (threshold chosen on validation)."""
+    from pneumoscan.data import Augmentation
+    from pneumoscan.training import TrainConfig, train as run_training
+
+    augmentation = Augmentation.none() if no_augment else Augmentation(
+        rotation_degrees=rotation, translate=translate, scale_min=scale_min, scale_max=scale_max,
+        shear_degrees=shear, brightness=brightness, horizontal_flip=hflip)
+    config = TrainConfig(
+        data=data, out=out, backbone=backbone, weights=weights, head=head, input_size=input_size,
+        dropout=dropout, epochs=epochs, frozen_epochs=frozen_epochs, finetune_blocks=finetune_blocks,
+        lr=lr, finetune_lr_factor=finetune_lr_factor, weight_decay=weight_decay,
+        batch_size=batch_size, val_fraction=val_fraction, seed=seed, patience=patience,
+        augmentation=augmentation, class_weighting=class_weighting, num_workers=num_workers,
+        accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+        precision=precision, resume=resume, half_bundle=not fp32_bundle,
+        limit_train_batches=int(limit_train_batches) if limit_train_batches > 1 else limit_train_batches)
+    bundle = run_training(config)
+    if bundle is not None:
+        typer.echo(f"bundle written to {bundle}")
+
+
+@app.command()
+def evaluate(
+    data: Annotated[Path, typer.Option(help="Kaggle-layout root.")],
+    split: Annotated[str, typer.Option(help="Split folder to evaluate.")] = "test",
+    model: ModelOption = None,
+    out: Annotated[Path, typer.Option(help="Report directory.")] = Path("reports/evaluate"),
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 2000,
+    seed: int = 0,
+) -> None:
+    """Evaluate a bundle on a split: metrics.json with 95% CIs, predictions.csv, plots, report.md."""
+    from pneumoscan.evaluation import METRIC_NAMES, evaluate_folder
+
+    if bootstrap < 100:
+        _fail(f"--bootstrap must be at least 100, got {bootstrap}")
+    metrics = evaluate_folder(model, data, split, out, n_boot=bootstrap, seed=seed)
+    typer.echo(f"{split}: n={metrics['n']}, threshold={metrics['threshold']:.4f}")
+    for name in METRIC_NAMES:
+        m = metrics[name]
+        if m["value"] is not None:
+            typer.echo(f"  {name:<12} {m['value']:.4f}  (95% CI {m['ci_low']:.4f}-{m['ci_high']:.4f})")
+    typer.echo(f"report written to {out}/report.md")
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders.")],
+    model: ModelOption = None,
+    csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write results to this CSV.")] = None,
+    batch_size: int = 32,
+) -> None:
+    """Predict images; exit status 1 if any file could not be read."""
+    from pneumoscan.data import collect_image_paths
+    from pneumoscan.inference import Predictor
+
+    files = collect_image_paths(paths)
+    if not files:
+        _fail("no .jpeg/.jpg/.png images found in the given path(s)")
+    predictor = Predictor.from_bundle(model)
+    outcomes = predictor.predict_paths(files, batch_size=batch_size)
+    threshold = predictor.spec.threshold
+    if csv_out is not None:
+        with csv_out.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(("path", "label", "probability_pneumonia", "threshold"))
+            for o in outcomes:
+                if o.error is None:
+                    writer.writerow((o.path, o.label, f"{o.probability:.6f}", f"{threshold:.6f}"))
+        typer.echo(f"{sum(o.error is None for o in outcomes)} prediction(s) written to {csv_out}")
+    else:
+        width = max(len(o.path) for o in outcomes)
+        typer.echo(f"{'path':<{width}}  {'label':<9}  p(pneumonia)  threshold")
+        for o in outcomes:
+            if o.error is None:
+                typer.echo(f"{o.path:<{width}}  {o.label:<9}  {o.probability:>12.4f}  {threshold:.4f}")
+    failed = [o for o in outcomes if o.error is not None]
+    for o in failed:
+        typer.echo(f"error: {o.error}", err=True)
+    if failed:
+        typer.echo(f"{len(failed)} of {len(outcomes)} file(s) could not be read", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    model: ModelOption = None,
+    host: Annotated[str, typer.Option(envvar="PNEUMOSCAN_HOST")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="PNEUMOSCAN_PORT")] = 8000,
+    workers: Annotated[int, typer.Option(envvar="PNEUMOSCAN_WORKERS", help="gunicorn worker processes.")] = 1,
+    threads: Annotated[int, typer.Option(envvar="PNEUMOSCAN_THREADS", help="Threads per worker.")] = 4,
+) -> None:
+    """Serve the web app and JSON API with gunicorn (never the Flask debug server)."""
+    from pneumoscan.web.server import run_gunicorn
+
+    run_gunicorn(model_dir=model, host=host, port=port, workers=workers, threads=threads)
+
+
+@app.command()
+def backbones() -> None:
+    """List the registered backbones."""
+    from pneumoscan.models import backbone_info, list_backbones
+
+    for name in list_backbones():
+        typer.echo(f"{name:<20} {backbone_info(name).description}")
+
+
+def main() -> None:
+    """Console entry point: run the CLI, turning user errors into one-line messages."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    package_log = logging.getLogger("pneumoscan")
+    package_log.addHandler(handler)
+    package_log.setLevel(logging.INFO)
+    try:
+        app()
+    except PneumoscanError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""Metrics with bootstrap confidence intervals, plots, and the ``evaluate`` report.
+
+The metric functions are pure: ``(y_true, y_score, threshold) -> numbers``. Plot functions
+return a matplotlib Figure (Agg backend) and the caller saves it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+
+METRIC_NAMES: tuple[str, ...] = (
+    "accuracy", "roc_auc", "f1_weighted", "sensitivity", "specificity", "ppv", "npv", "loss",
+)
+_EPS = 1e-7
+
+
+def youden_threshold(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """The threshold maximising sensitivity + specificity - 1 (Youden's J) on these scores."""
+    y_true = np.asarray(y_true)
+    if len(np.unique(y_true)) < 2:
+        return 0.5
+    fpr, tpr, thresholds = roc_curve(y_true, y_score)
+    best = int(np.argmax(tpr - fpr))
+    return float(np.clip(thresholds[best], 0.0, 1.0))
+
+
+def _counts(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, ...]:
+    """tn, fp, fn, tp along the last axis (works on one vector or a stack of resamples)."""
+    t = y_true.astype(bool)
+    p = y_pred.astype(bool)
+    tp = np.sum(t & p, axis=-1)
+    tn = np.sum(~t & ~p, axis=-1)
+    fp = np.sum(~t & p, axis=-1)
+    fn = np.sum(t & ~p, axis=-1)
+    return tn, fp, fn, tp
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.maximum(den, 1), np.nan)
+
+
+def _threshold_metrics(y_true: np.ndarray, y_score: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
+    """Every metric except AUC, vectorised over leading axes."""
+    y_pred = y_score >= threshold
+    tn, fp, fn, tp = _counts(y_true, y_pred)
+    n = tn + fp + fn + tp
+    pos, neg = tp + fn, tn + fp
+    f1_pos = _ratio(2 * tp, 2 * tp + fp + fn)
+    f1_neg = _ratio(2 * tn, 2 * tn + fn + fp)
+    f1_weighted = (np.nan_to_num(f1_pos) * pos + np.nan_to_num(f1_neg) * neg) / n
+    p = np.clip(y_score, _EPS, 1 - _EPS)
+    loss = -np.mean(np.where(y_true.astype(bool), np.log(p), np.log(1 - p)), axis=-1)
+    return {
+        "accuracy": (tp + tn) / n,
+        "f1_weighted": f1_weighted,
+        "sensitivity": _ratio(tp, pos),
+        "specificity": _ratio(tn, neg),
+        "ppv": _ratio(tp, tp + fp),
+        "npv": _ratio(tn, tn + fn),
+        "loss": loss,
+    }
+
+
+def _auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    return float(roc_auc_score(y_true, y_score)) if 0 < y_true.sum() < len(y_true) else math.nan
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A point estimate with its 95% bootstrap interval."""
+
+    value: float
+    ci_low: float
+    ci_high: float
+
+    def as_dict(self) -> dict[str, float | None]:
+        return {k: (None if math.isnan(v) else round(v, 6)) for k, v in
+                (("value", self.value), ("ci_low", self.ci_low), ("ci_high", self.ci_high))}
+
+
+def point_metrics(y_true: Sequence[int], y_score: Sequence[float], *, threshold: float) -> dict[str, float]:
+    """Every metric in METRIC_NAMES at ``threshold`` (label 1 = pneumonia = positive)."""
+    y = np.asarray(y_true, dtype=np.int64)
+    s = np.asarray(y_score, dtype=np.float64)
+    values = {k: float(v) for k, v in _threshold_metrics(y, s, threshold).items()}
+    values["roc_auc"] = _auc(y, s)
+    return {name: values[name] for name in METRIC_NAMES}
+
+
+def bootstrap_metrics(y_true: Sequence[int], y_score: Sequence[float], *, threshold: float,
+                      n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, Estimate]:
+    """Point estimates and percentile bootstrap intervals (images resampled with replacement)."""
+    y = np.asarray(y_true, dtype=np.int64)
+    s = np.asarray(y_score, dtype=np.float64)
+    if len(y) == 0:
+        raise ValueError("no predictions to evaluate")
+    point = point_metrics(y, s, threshold=threshold)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(y), size=(n_boot, len(y)))
+    boot = _threshold_metrics(y[idx], s[idx], threshold)
+    boot["roc_auc"] = np.array([_auc(y[i], s[i]) for i in idx])
+    alpha = (1 - level) / 2
+    result = {}
+    for name in METRIC_NAMES:
+        samples = boot[name][~np.isnan(boot[name])]
+        if samples.size == 0:
+            low = high = math.nan
+        else:
+            low, high = (float(q) for q in np.quantile(samples, [alpha, 1 - alpha]))
+        result[name] = Estimate(point[name], low, high)
+    return result
+
+
+def confusion_matrix(y_true: Sequence[int], y_score: Sequence[float], *, threshold: float) -> dict[str, int]:
+    """``{"tn", "fp", "fn", "tp"}`` with PNEUMONIA as the positive class."""
+    tn, fp, fn, tp = _counts(np.asarray(y_true), np.asarray(y_score) >= threshold)
+    return {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def roc_figure(y_true: Sequence[int], y_score: Sequence[float], *, auc: Estimate, threshold: float,
+               title: str):
+    """ROC curve with the AUC and its CI, the operating point marked."""
+    plt = _pyplot()
+    y = np.asarray(y_true)
+    s = np.asarray(y_score)
+    fpr, tpr, _ = roc_curve(y, s)
+    cm = confusion_matrix(y, s, threshold=threshold)
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    ax.plot(fpr, tpr, lw=2, label=f"AUC {auc.value:.3f} (95% CI {auc.ci_low:.3f}-{auc.ci_high:.3f})")
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
+    op_fpr = cm["fp"] / max(cm["fp"] + cm["tn"], 1)
+    op_tpr = cm["tp"] / max(cm["tp"] + cm["fn"], 1)
+    ax.scatter([op_fpr], [op_tpr], color="red", zorder=3, label=f"threshold {threshold:.3f}")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"{title} (n={len(y)})",
+           xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(counts: dict[str, int], *, class_names: Sequence[str], title: str):
+    """2x2 confusion matrix with counts and row percentages."""
+    plt = _pyplot()
+    matrix = np.array([[counts["tn"], counts["fp"]], [counts["fn"], counts["tp"]]])
+    fig, ax = plt.subplots(figsize=(4.5, 4), dpi=100)
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), value in np.ndenumerate(matrix):
+        share = value / max(matrix[i].sum(), 1)
+        ax.text(j, i, f"{value}\n({share:.0%})", ha="center", va="center",
+                color="white" if value > matrix.max() / 2 else "black")
+    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=class_names, yticklabels=class_names,
+           xlabel="predicted", ylabel="true", title=f"{title} (n={matrix.sum()})")
+    fig.tight_layout()
+    return fig
+
+
+def training_curves_figure(metrics_csv: Path):
+    """Loss and accuracy per epoch from Lightning's CSVLogger ``metrics.csv``."""
+    plt = _pyplot()
+    rows = list(csv.DictReader(metrics_csv.open()))
+    series: dict[str, dict[int, float]] = {}
+    for row in rows:
+        if not row.get("epoch"):
+            continue
+        epoch = int(float(row["epoch"]))
+        for key in ("train_loss_epoch", "val_loss", "train_acc", "val_acc"):
+            if row.get(key):
+                series.setdefault(key, {})[epoch] = float(row[key])
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
+    for key, ax in (("train_loss_epoch", ax_loss), ("val_loss", ax_loss), ("train_acc", ax_acc), ("val_acc", ax_acc)):
+        if key in series:
+            epochs = sorted(series[key])
+            ax.plot([e + 1 for e in epochs], [series[key][e] for e in epochs], marker="o",
+                    label=key.replace("_epoch", ""))
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluate command
+
+
+def evaluate_folder(model_dir: Path | None, data_root: Path, split: str, out_dir: Path, *,
+                    n_boot: int = 2000, seed: int = 0, batch_size: int = 32) -> dict:
+    """Predict every image of ``data_root/split``, write the report files, return metrics.json.
+
+    Raises:
+        DatasetError: the split or a class folder is missing or empty.
+        BundleError: the bundle cannot be loaded.
+    """
+    from pneumoscan.data import CLASS_NAMES, scan_split
+    from pneumoscan.inference import Predictor
+
+    samples = scan_split(data_root, split)
+    predictor = Predictor.from_bundle(model_dir)
+    spec = predictor.spec
+    outcomes = predictor.predict_paths([s.path for s in samples], batch_size=batch_size)
+    failed = [o for o in outcomes if o.error is not None]
+    kept = [(s, o) for s, o in zip(samples, outcomes) if o.error is None]
+    y_true = np.array([s.label for s, _ in kept])
+    y_score = np.array([o.probability for _, o in kept])
+    threshold = spec.threshold
+    estimates = bootstrap_metrics(y_true, y_score, threshold=threshold, n_boot=n_boot, seed=seed)
+    counts = confusion_matrix(y_true, y_score, threshold=threshold)
+    metrics: dict = {name: estimates[name].as_dict() for name in METRIC_NAMES}
+    metrics.update({
+        "n": int(len(y_true)),
+        "n_by_class": {name: int((y_true == i).sum()) for i, name in enumerate(CLASS_NAMES)},
+        "n_unreadable": len(failed),
+        "threshold": threshold,
+        "threshold_source": spec.threshold_source,
+        "confusion_matrix": counts,
+        "split": split,
+        "data": str(data_root),
+        "model": {"name": spec.name, "backbone": spec.backbone, "weights_sha256": spec.weights_sha256},
+        "ci": {"method": "percentile bootstrap over images", "level": 0.95, "resamples": n_boot,
+               "seed": seed},
+    })
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with (out_dir / "predictions.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("path", "true_label", "label", "probability_pneumonia", "threshold", "error"))
+        for s, o in zip(samples, outcomes):
+            writer.writerow((s.path, CLASS_NAMES[s.label], o.label or "",
+                             "" if o.probability is None else f"{o.probability:.6f}", threshold,
+                             o.error or ""))
+    title = f"{spec.name} on {split}"
+    for name, fig in (("roc.png", roc_figure(y_true, y_score, auc=estimates["roc_auc"],
+                                               threshold=threshold, title=title)),
+                      ("confusion.png", confusion_figure(counts, class_names=CLASS_NAMES, title=title))):
+        fig.savefig(out_dir / name)
+        _pyplot().close(fig)
+    (out_dir / "report.md").write_text(render_report(metrics, failed=[o.path for o in failed]))
+    return metrics
+
+
+def render_report(metrics: dict, *, failed: Sequence[str] = ()) -> str:
+    """A readable Markdown summary of metrics.json."""
+    cm = metrics["confusion_matrix"]
+    lines = [
+        f"# Evaluation of {metrics['model']['name']} on the {metrics['split']} split",
+        "",
+        f"- data: `{metrics['data']}`",
+        f"- n = {metrics['n']} images ({', '.join(f'{k} {v}' for k, v in metrics['n_by_class'].items())})",
+        f"- threshold on P(pneumonia): {metrics['threshold']:.4f} ({metrics['threshold_source']})",
+        f"- 95% intervals: percentile bootstrap, {metrics['ci']['resamples']} resamples of images",
+        "",
+        "| metric | value | 95% CI |",
+        "|---|---:|---:|",
+    ]
+    for name in METRIC_NAMES:
+        m = metrics[name]
+        fmt = (lambda v: "n/a" if v is None else f"{v:.3f}")
+        lines.append(f"| {name} | {fmt(m['value'])} | {fmt(m['ci_low'])} - {fmt(m['ci_high'])} |")
+    lines += [
+        "",
+        "Confusion matrix (rows true, columns predicted):",
+        "",
+        "| | pred NORMAL | pred PNEUMONIA |",
+        "|---|---:|---:|",
+        f"| NORMAL | {cm['tn']} | {cm['fp']} |",
+        f"| PNEUMONIA | {cm['fn']} | {cm['tp']} |",
+        "",
+        "![ROC](roc.png) ![confusion](confusion.png)",
+        "",
+    ]
+    if failed:
+        lines += [f"{len(failed)} file(s) could not be read and are left out:", ""]
+        lines += [f"- `{p}`" for p in failed] + [""]
+    return "\n".join(lines)

@@ -1,0 +1,32 @@
+"""Backbones by name, the classifier around them, and the model bundle."""
+
+from pneumoscan.models import backbones as _backbones  # noqa: F401  (registers the entries)
+from pneumoscan.models.bundle import (
+    BundleSpec,
+    default_bundle_path,
+    load_bundle,
+    read_spec,
+    save_bundle,
+)
+from pneumoscan.models.registry import (
+    HEADS,
+    Classifier,
+    backbone_info,
+    create_classifier,
+    list_backbones,
+    register_backbone,
+)
+
+__all__ = [
+    "HEADS",
+    "BundleSpec",
+    "Classifier",
+    "backbone_info",
+    "create_classifier",
+    "default_bundle_path",
+    "list_backbones",
+    "load_bundle",
+    "read_spec",
+    "register_backbone",
+    "save_bundle",
+]

@@ -1,0 +1,201 @@
+"""The model bundle: the only thing that crosses from training to serving.
+
+A bundle is a directory with ``model.safetensors`` (the plain :class:`Classifier` state dict)
+and ``model.json`` (:class:`BundleSpec`: architecture, preprocessing, class names, operating
+threshold, validation metrics, provenance, and the weights' sha256, checked on every load).
+It may also hold ``split.csv``, the train/validation split it was trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pneumoscan.errors import BundleError, PneumoscanError
+from pneumoscan.models.registry import Classifier, create_classifier
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+SPEC_FILE = "model.json"
+SPLIT_FILE = "split.csv"
+
+
+@dataclass(frozen=True)
+class BundleSpec:
+    """Everything needed to rebuild, feed and interpret the network."""
+
+    backbone: str
+    head: str
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    class_names: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
+    dropout: float = 0.5
+    threshold: float = 0.5
+    threshold_source: str = "default"  # "validation_youden" when chosen on validation
+    cam_layer: str = ""
+    name: str = "pneumoscan-model"
+    weights_sha256: str = ""
+    weights_dtype: str = "float32"
+    val_metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    split_manifest_sha256: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        """Pretty JSON text of the spec."""
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "model.json") -> "BundleSpec":
+        """Parse and validate ``model.json``.
+
+        Raises:
+            BundleError: not JSON, an unknown format version, or missing required fields.
+        """
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BundleError(f"{source} is not valid JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise BundleError(f"{source} must hold a JSON object")
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(
+                f"{source} has bundle format version {version!r}; this pneumoscan reads version "
+                f"{FORMAT_VERSION}. Re-export the bundle with a matching pneumoscan version."
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in raw.items() if k in known}
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.name not in values and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise BundleError(f"{source} lacks the field(s): {', '.join(missing)}")
+        for key in ("mean", "std", "class_names"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "BundleSpec":
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_bundle(model: nn.Module, spec: BundleSpec, directory: str | Path, *, half: bool = False,
+                extra_files: dict[str, Path] | None = None) -> BundleSpec:
+    """Write a bundle atomically: into a temporary sibling directory, then renamed into place.
+
+    A crash never leaves a half-written bundle under ``directory``. An existing bundle there is
+    replaced. Returns the spec as written (with the weights' sha256 filled in).
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    dtype = torch.float16 if half else torch.float32
+    state = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
+             for k, v in model.state_dict().items()}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        spec = spec.replace(weights_sha256=sha256_file(tmp / WEIGHTS_FILE),
+                            weights_dtype=str(dtype).removeprefix("torch."))
+        (tmp / SPEC_FILE).write_text(spec.to_json())
+        for name, source in (extra_files or {}).items():
+            shutil.copyfile(source, tmp / name)
+        for item in tmp.iterdir():
+            with open(item, "rb") as handle:
+                os.fsync(handle.fileno())
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return spec
+
+
+def read_spec(directory: str | Path) -> BundleSpec:
+    """Read and validate ``model.json`` of a bundle without loading the weights.
+
+    Raises:
+        BundleError: missing directory or file, or a bad spec.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BundleError(f"model bundle {directory} does not exist (expected a directory with "
+                          f"{WEIGHTS_FILE} and {SPEC_FILE})")
+    spec_path = directory / SPEC_FILE
+    if not spec_path.is_file():
+        raise BundleError(f"{directory} is not a model bundle: {SPEC_FILE} is missing")
+    return BundleSpec.from_json(spec_path.read_text(), source=str(spec_path))
+
+
+def load_bundle(directory: str | Path) -> tuple[Classifier, BundleSpec]:
+    """Rebuild the network from a bundle, check its sha256, and return it in eval mode (float32).
+
+    Raises:
+        BundleError: missing files, a sha256 mismatch (corrupt or tampered weights), or weights
+            that do not fit the declared architecture.
+    """
+    directory = Path(directory)
+    spec = read_spec(directory)
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise BundleError(f"{directory} is not a complete model bundle: {WEIGHTS_FILE} is missing")
+    actual = sha256_file(weights_path)
+    if actual != spec.weights_sha256:
+        raise BundleError(
+            f"{weights_path} is corrupt or was modified: its sha256 is {actual[:16]}..., but "
+            f"{SPEC_FILE} records {spec.weights_sha256[:16] or 'nothing'}.... Refusing to load it; "
+            "re-export or re-download the bundle."
+        )
+    try:
+        model = create_classifier(spec.backbone, weights="none", head=spec.head,
+                                  input_size=spec.input_size, dropout=spec.dropout)
+    except PneumoscanError as exc:
+        raise BundleError(f"{directory}: {exc}") from None
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(weights_path))
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        model.load_state_dict(state, strict=True)
+    except Exception as exc:
+        raise BundleError(f"{weights_path} does not fit a {spec.backbone}/{spec.head} model: "
+                          f"{str(exc).splitlines()[0]}") from None
+    model.eval()
+    return model, spec
+
+
+def default_bundle_path() -> Path:
+    """The bundle shipped inside the package (used when no --model is given)."""
+    return Path(str(resources.files("pneumoscan") / "default_model"))

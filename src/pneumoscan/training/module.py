@@ -1,0 +1,74 @@
+"""The LightningModule that trains a plain :class:`~pneumoscan.models.Classifier`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import BinaryAUROC, BinaryAccuracy
+
+from pneumoscan.data import normalize
+from pneumoscan.models import Classifier
+
+
+class PneumoniaClassifier(pl.LightningModule):
+    """Class-weighted cross-entropy over NORMAL/PNEUMONIA, AdamW, ReduceLROnPlateau on val loss.
+
+    Batches arrive as uint8 ``B x 1 x S x S``; they are normalised on the device, after transfer,
+    with the backbone's own mean and std.
+    """
+
+    def __init__(self, net: Classifier, *, mean: tuple[float, float, float],
+                 std: tuple[float, float, float], lr: float = 1e-3, weight_decay: float = 1e-4,
+                 class_weights: tuple[float, float] | None = None, plateau_patience: int = 1,
+                 plateau_factor: float = 0.3) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net"])
+        self.net = net
+        self.register_buffer("class_weights", torch.tensor(class_weights or (1.0, 1.0)),
+                             persistent=False)
+        self.train_acc = BinaryAccuracy()
+        self.val_acc = BinaryAccuracy()
+        self.val_auroc = BinaryAUROC()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        pixels, labels = batch
+        return normalize(pixels, self.hparams.mean, self.hparams.std), labels
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, weight=self.class_weights)
+        return loss, logits.softmax(dim=1)[:, 1], y
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, prob, y = self._step(batch)
+        self.train_acc(prob, y)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
+        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        loss, prob, y = self._step(batch)
+        self.val_acc(prob, y)
+        self.val_auroc(prob, y)
+        self.log("val_loss", loss, prog_bar=True, on_epoch=True, sync_dist=True)
+        self.log("val_acc", self.val_acc, prog_bar=True, on_epoch=True)
+        self.log("val_auroc", self.val_auroc, prog_bar=True, on_epoch=True)
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self(batch[0]).softmax(dim=1)[:, 1]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=self.hparams.plateau_factor,
+            patience=self.hparams.plateau_patience)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss", "interval": "epoch"}}

@@ -1,0 +1,61 @@
+"""Turn the files of one request into per-file results. Uploads stay in memory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import current_app, request
+
+from pneumoscan.errors import InvalidImageError, PneumoscanError
+from pneumoscan.inference import Predictor
+
+
+class UploadError(PneumoscanError):
+    """The request itself is unusable (no file field, too many files)."""
+
+    def __init__(self, message: str, *, code: str = "bad_request", http_status: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+        self.http_status = http_status
+
+
+def predictor() -> Predictor:
+    """The app's loaded Predictor."""
+    return current_app.extensions["pneumoscan"]
+
+
+def predict_uploads() -> list[dict[str, Any]]:
+    """Predict every file in the multipart field ``file``.
+
+    Each result has ``filename`` and ``status`` (``ok`` or ``error``); ``ok`` results add
+    ``label``, ``probability_pneumonia`` and ``threshold``; ``error`` results add ``error``.
+
+    Raises:
+        UploadError: no ``file`` field with a file in it, or more files than MAX_FILES.
+    """
+    files = [f for f in request.files.getlist("file") if f and (f.filename or f.content_length)]
+    if not files:
+        raise UploadError("no file uploaded: send one or more images in the multipart field 'file'",
+                          code="missing_file")
+    limit = current_app.config["MAX_FILES"]
+    if len(files) > limit:
+        raise UploadError(f"{len(files)} files in one request; the limit is {limit}",
+                          code="too_many_files", http_status=413)
+    model = predictor()
+    results: list[dict[str, Any]] = []
+    for upload in files:
+        name = (upload.filename or "upload").replace("\\", "/").rsplit("/", 1)[-1][:255]
+        data = upload.read()
+        try:
+            prediction = model.predict_bytes(data, name=name)
+        except InvalidImageError as exc:
+            results.append({"filename": name, "status": "error",
+                            "error": {"code": exc.code, "message": str(exc)},
+                            "http_status": exc.http_status})
+            continue
+        results.append({
+            "filename": name, "status": "ok", "label": prediction.label,
+            "probability_pneumonia": round(prediction.probability_pneumonia, 6),
+            "threshold": round(prediction.threshold, 6),
+        })
+    return results

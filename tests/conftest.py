@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny synthetic X-rays, a Kaggle-layout folder, a real (tiny) bundle."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest_xray"
+TEST_INPUT = 64  # pixels: small enough that efficientnet_lite0 trains in seconds on 2 cores
+
+
+def make_xray(seed: int, *, pneumonia: bool = False, size: tuple[int, int] = (72, 64)) -> Image.Image:
+    """A greyscale stand-in for a chest X-ray: dark field, two bright 'lungs', seeded noise.
+
+    The pneumonia variant adds a bright consolidation patch in the right 'lung', so the two
+    classes are learnable.
+    """
+    rng = np.random.default_rng(seed)
+    w, h = size
+    image = Image.new("L", size, 20)
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((w * 0.12, h * 0.15, w * 0.45, h * 0.85), fill=90)
+    draw.ellipse((w * 0.55, h * 0.15, w * 0.88, h * 0.85), fill=90)
+    if pneumonia:
+        draw.ellipse((w * 0.6, h * 0.4, w * 0.85, h * 0.75), fill=210)
+    noise = rng.normal(0, 12, (h, w))
+    pixels = np.clip(np.asarray(image, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, mode="L")
+
+
+def image_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_kaggle_layout(root: Path, *, per_class: dict[str, int] | None = None) -> Path:
+    """ROOT/{train,val,test}/{NORMAL,PNEUMONIA} with Kermany-style file names."""
+    per_class = per_class or {"train": 16, "val": 2, "test": 6}
+    seed = 0
+    for split, count in per_class.items():
+        for i in range(count):
+            patient = {"train": 1000, "val": 2000, "test": 3000}[split] + i // 2  # 2 images each
+            seed += 1
+            normal = make_xray(seed)
+            normal.save(root / _mk(root, split, "NORMAL") / f"IM-{patient:04d}-000{i % 2 + 1}.jpeg", quality=95)
+            seed += 1
+            sick = make_xray(seed, pneumonia=True)
+            kind = "bacteria" if i % 3 else "virus"
+            sick.save(root / _mk(root, split, "PNEUMONIA") / f"person{patient}_{kind}_{seed}.jpeg",
+                      quality=95)
+    return root
+
+
+def _mk(root: Path, split: str, cls: str) -> Path:
+    path = root / split / cls
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def xray_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_kaggle_layout(tmp_path_factory.mktemp("chest_xray"))
+
+
+@pytest.fixture(scope="session")
+def trained_run(xray_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real one-epoch training run on the synthetic folder; returns the run directory."""
+    from pneumoscan.training import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("run")
+    train(TrainConfig(data=xray_root, out=out, weights="none", input_size=TEST_INPUT, epochs=2,
+                      frozen_epochs=0, batch_size=8, val_fraction=0.25, lr=3e-3,
+                      accelerator="cpu", devices="1"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(trained_run: Path) -> Path:
+    return trained_run / "bundle"
+
+
+@pytest.fixture()
+def app(tiny_bundle: Path):
+    from pneumoscan.web import create_app
+
+    return create_app({"TESTING": True, "MODEL_DIR": str(tiny_bundle), "SECRET_KEY": "test",
+                       "MAX_CONTENT_LENGTH": 2 * 1024 * 1024, "MAX_FILES": 4})
+
+
+@pytest.fixture()
+def client(app):
+    return app.test_client()
+
+
+def needs_shared_data() -> pytest.MarkDecorator:
+    return pytest.mark.skipif(not (SHARED_DATA / "train").is_dir(),
+                              reason=f"real Kermany data not found at {SHARED_DATA}")

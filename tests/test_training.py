@@ -1,0 +1,79 @@
+"""pneumoscan.training: a real (tiny) run, the bundle it exports, resume, DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TEST_INPUT
+from pneumoscan.errors import ConfigError
+from pneumoscan.models import load_bundle
+from pneumoscan.training import TrainConfig, train
+
+
+def test_training_run_writes_a_complete_bundle(trained_run: Path, xray_root: Path) -> None:
+    model, spec = load_bundle(trained_run / "bundle")
+    assert spec.backbone == "efficientnet_lite0" and spec.input_size == TEST_INPUT
+    assert spec.threshold_source == "validation_youden" and 0.0 <= spec.threshold <= 1.0
+    assert spec.val_metrics["n"] > 0 and "roc_auc" in spec.val_metrics
+    assert spec.training["epochs"] == 2 and spec.training["fit_seconds"] > 0
+    assert spec.versions["torch"] and spec.weights_dtype == "float16"
+    split_rows = list(csv.DictReader((trained_run / "bundle" / "split.csv").open()))
+    roles = {r["role"] for r in split_rows}
+    assert roles == {"train", "val"}
+    assert not any(r["path"].startswith("test/") for r in split_rows)  # test is never touched
+    val_patients = {r["patient_id"] for r in split_rows if r["role"] == "val"}
+    assert not val_patients & {r["patient_id"] for r in split_rows if r["role"] == "train"}
+    # the official val/ folder joins the training pool
+    assert any(r["path"].startswith("val/") for r in split_rows)
+    for name in ("curves.png", "checkpoints/last.ckpt", "logs/version_0/metrics.csv"):
+        assert (trained_run / name).is_file(), name
+
+
+def test_refuses_to_overwrite_a_run_and_resume_needs_a_checkpoint(trained_run: Path, xray_root: Path,
+                                                                   tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--resume"):
+        train(TrainConfig(data=xray_root, out=trained_run, weights="none", input_size=TEST_INPUT))
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        train(TrainConfig(data=xray_root, out=tmp_path, resume=True, input_size=TEST_INPUT))
+
+
+def test_bad_config_values(xray_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown backbone"):
+        train(TrainConfig(data=xray_root, out=tmp_path, backbone="alexnet9"))
+    with pytest.raises(ConfigError, match="--epochs"):
+        train(TrainConfig(data=xray_root, out=tmp_path, epochs=0))
+
+
+def test_resume_continues_from_the_last_checkpoint(xray_root: Path, tmp_path: Path) -> None:
+    base = dict(data=xray_root, out=tmp_path, weights="imagenet", input_size=TEST_INPUT,
+                frozen_epochs=1, finetune_blocks=1, batch_size=8, val_fraction=0.25,
+                accelerator="cpu", devices="1", patience=10)
+    train(TrainConfig(**base, epochs=1))
+    first = load_bundle(tmp_path / "bundle")[1]
+    assert first.training["epochs"] == 1
+    train(TrainConfig(**base, epochs=2, resume=True))
+    rows = list(csv.DictReader((tmp_path / "logs" / "version_0" / "metrics.csv").open()))
+    epochs_logged = sorted({int(float(r["epoch"])) for r in rows if r.get("val_loss")})
+    assert epochs_logged == [0, 1]  # epoch 0 was not run again
+    assert load_bundle(tmp_path / "bundle")[1].training["resume"] is True
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(xray_root: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "pneumoscan", "train", "--data", str(xray_root), "--out",
+           str(tmp_path / "ddp"), "--weights", "none", "--input-size", str(TEST_INPUT), "--epochs", "1",
+           "--frozen-epochs", "0", "--batch-size", "4", "--val-fraction", "0.25",
+           "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world_size" in result.stderr or "distributed" in result.stderr.lower()
+    spec = json.loads((tmp_path / "ddp" / "bundle" / "model.json").read_text())
+    assert spec["training"]["strategy"] == "ddp" and spec["training"]["devices"] == "2"

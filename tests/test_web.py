@@ -1,0 +1,101 @@
+"""The Flask app: upload page, JSON API, health check, and JSON errors for bad uploads."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from conftest import image_bytes, make_xray
+
+
+def _upload(*files: tuple[bytes, str]) -> dict:
+    return {"file": [(io.BytesIO(data), name) for data, name in files]}
+
+
+def test_healthz_and_model(client) -> None:
+    assert client.get("/healthz").status_code == 200
+    info = client.get("/api/v1/model").get_json()
+    assert info["backbone"] == "efficientnet_lite0" and len(info["weights_sha256"]) == 64
+
+
+def test_index_page_has_form_and_notice(client) -> None:
+    page = client.get("/").get_data(as_text=True)
+    assert 'type="file"' in page and "multiple" in page
+    assert "Research use only" in page and "Not for clinical diagnosis" in page
+
+
+def test_api_predicts_one_and_many(client) -> None:
+    xray = image_bytes(make_xray(11, pneumonia=True), "JPEG")
+    response = client.post("/api/v1/predict", data=_upload((xray, "a.jpg")),
+                           content_type="multipart/form-data")
+    assert response.status_code == 200
+    (result,) = response.get_json()["results"]
+    assert result["filename"] == "a.jpg" and result["status"] == "ok"
+    assert result["label"] in ("NORMAL", "PNEUMONIA") and 0 <= result["probability_pneumonia"] <= 1
+    assert result["label"] == ("PNEUMONIA" if result["probability_pneumonia"] >= result["threshold"] else "NORMAL")
+    response = client.post("/api/v1/predict", data=_upload(
+        (xray, "a.jpg"), (image_bytes(make_xray(12)), "b.png"), (b"garbage", "c.jpg")),
+        content_type="multipart/form-data")
+    assert response.status_code == 200
+    statuses = [r["status"] for r in response.get_json()["results"]]
+    assert statuses == ["ok", "ok", "error"]
+
+
+def test_api_predictions_match_the_cli_path(client, tiny_bundle: Path, xray_root: Path) -> None:
+    from pneumoscan.inference import Predictor
+
+    path = next((xray_root / "test" / "PNEUMONIA").iterdir())
+    expected = Predictor.from_bundle(tiny_bundle).predict_paths([path])[0].probability
+    response = client.post("/api/v1/predict", data=_upload((path.read_bytes(), path.name)),
+                           content_type="multipart/form-data")
+    assert response.get_json()["results"][0]["probability_pneumonia"] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("files,status,code", [
+    ([], 400, "missing_file"),
+    ([(b"%PDF-1.7 a document", "doc.jpg")], 415, "unsupported_media_type"),
+    ([(b"GIF89a" + b"\x00" * 20, "anim.gif")], 415, "unsupported_media_type"),
+    ([(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "broken.png")], 422, "invalid_image"),
+    ([(b"", "empty.png")], 422, "empty_file"),
+])
+def test_api_bad_uploads_are_json_4xx(client, files, status: int, code: str) -> None:
+    response = client.post("/api/v1/predict", data=_upload(*files), content_type="multipart/form-data")
+    assert response.status_code == status
+    assert response.is_json and response.get_json()["error"]["code"] == code
+
+
+def test_api_too_large_and_too_many(client) -> None:
+    big = b"\xff\xd8" + b"\x00" * (3 * 1024 * 1024)
+    response = client.post("/api/v1/predict", data=_upload((big, "big.jpg")), content_type="multipart/form-data")
+    assert response.status_code == 413 and response.get_json()["error"]["code"] == "payload_too_large"
+    small = image_bytes(make_xray(1))
+    response = client.post("/api/v1/predict", data=_upload(*[(small, f"{i}.png") for i in range(5)]),
+                           content_type="multipart/form-data")
+    assert response.status_code == 413 and response.get_json()["error"]["code"] == "too_many_files"
+
+
+def test_api_wrong_method_and_unknown_route_are_json(client) -> None:
+    assert client.get("/api/v1/predict").status_code == 405
+    response = client.get("/api/v1/nothing")
+    assert response.status_code == 404 and response.is_json
+
+
+def test_upload_page_shows_result_cards(client) -> None:
+    response = client.post("/", data=_upload((image_bytes(make_xray(3)), "scan<1>.png"), (b"junk", "x.jpg")),
+                           content_type="multipart/form-data")
+    page = response.get_data(as_text=True)
+    assert response.status_code == 200
+    assert "scan&lt;1&gt;.png" in page and "<1>" not in page  # names are escaped
+    assert "P(pneumonia)" in page and 'class="card error"' in page
+    response = client.post("/", data={}, content_type="multipart/form-data")
+    assert response.status_code == 400 and "no file uploaded" in response.get_data(as_text=True)
+
+
+def test_factory_refuses_a_broken_bundle(tmp_path: Path) -> None:
+    from pneumoscan.errors import BundleError
+    from pneumoscan.web import create_app
+
+    with pytest.raises(BundleError):
+        create_app({"TESTING": True, "MODEL_DIR": str(tmp_path)})
