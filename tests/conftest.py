@@ -29,7 +29,7 @@ def make_xray(seed: int, *, pneumonia: bool = False, size: tuple[int, int] = (72
         draw.ellipse((w * 0.6, h * 0.4, w * 0.85, h * 0.75), fill=210)
     noise = rng.normal(0, 12, (h, w))
     pixels = np.clip(np.asarray(image, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels, mode="L")
+    return Image.fromarray(pixels)
 
 
 def image_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:

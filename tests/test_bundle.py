@@ -15,8 +15,9 @@ from pneumoscan.models.bundle import SPEC_FILE, WEIGHTS_FILE
 
 
 def _spec(**kw) -> BundleSpec:
-    return BundleSpec(backbone="efficientnet_lite0", head="pool", input_size=64,
-                      mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), threshold=0.37, **kw)
+    fields = dict(backbone="efficientnet_lite0", head="pool", input_size=64,
+                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), threshold=0.37)
+    return BundleSpec(**{**fields, **kw})
 
 
 @pytest.fixture()

@@ -59,7 +59,9 @@ def test_resume_continues_from_the_last_checkpoint(xray_root: Path, tmp_path: Pa
     first = load_bundle(tmp_path / "bundle")[1]
     assert first.training["epochs"] == 1
     train(TrainConfig(**base, epochs=2, resume=True))
-    rows = list(csv.DictReader((tmp_path / "logs" / "version_0" / "metrics.csv").open()))
+    rows = [r for path in sorted((tmp_path / "logs").glob("version_*/metrics.csv"))
+            for r in csv.DictReader(path.open())]
+    assert len(list((tmp_path / "logs").glob("version_*"))) == 2  # the first log is kept
     epochs_logged = sorted({int(float(r["epoch"])) for r in rows if r.get("val_loss")})
     assert epochs_logged == [0, 1]  # epoch 0 was not run again
     assert load_bundle(tmp_path / "bundle")[1].training["resume"] is True

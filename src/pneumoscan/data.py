@@ -31,6 +31,7 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png"})
 #: Decoding more pixels than this is refused before the pixel data is read (decompression bombs).
 MAX_PIXELS: int = 64_000_000
+_SIGNATURES: tuple[bytes, ...] = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG
 
 # ---------------------------------------------------------------------------------------------
 # Decoding and the square resize
@@ -52,6 +53,8 @@ def decode_image(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXE
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        if data.startswith(_SIGNATURES):
+            raise InvalidImageError(f"{name}: the image header is corrupt") from None
         raise InvalidImageError(
             f"{name}: not a JPEG or PNG image", code="unsupported_media_type", http_status=415
         ) from None
@@ -87,7 +90,7 @@ def _to_grey(image: Image.Image) -> Image.Image:
         array = np.asarray(image, dtype=np.float64)
         low, high = float(array.min()), float(array.max())
         scale = 255.0 / (high - low) if high > low else 0.0
-        return Image.fromarray(((array - low) * scale).round().astype(np.uint8), mode="L")
+        return Image.fromarray(((array - low) * scale).round().astype(np.uint8))
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):

@@ -176,10 +176,10 @@ def confusion_figure(counts: dict[str, int], *, class_names: Sequence[str], titl
     return fig
 
 
-def training_curves_figure(metrics_csv: Path):
-    """Loss and accuracy per epoch from Lightning's CSVLogger ``metrics.csv``."""
+def training_curves_figure(metrics_csvs: Sequence[Path]):
+    """Loss and accuracy per epoch from Lightning CSVLogger files (later files win per epoch)."""
     plt = _pyplot()
-    rows = list(csv.DictReader(metrics_csv.open()))
+    rows = [row for path in metrics_csvs for row in csv.DictReader(path.open())]
     series: dict[str, dict[int, float]] = {}
     for row in rows:
         if not row.get("epoch"):

@@ -131,7 +131,7 @@ def train(config: TrainConfig) -> Path | None:
     trainer = pl.Trainer(
         default_root_dir=out, max_epochs=config.epochs, accelerator=config.accelerator,
         devices=_devices(config.devices), num_nodes=config.num_nodes, strategy=config.strategy,
-        precision=config.precision, callbacks=callbacks, logger=CSVLogger(out, name="logs", version=0),
+        precision=config.precision, callbacks=callbacks, logger=CSVLogger(out, name="logs"),
         deterministic=False, log_every_n_steps=10, limit_train_batches=config.limit_train_batches,
         enable_model_summary=False)
     started = time.perf_counter()
@@ -140,11 +140,11 @@ def train(config: TrainConfig) -> Path | None:
     if not trainer.is_global_zero:
         return None
     return export_bundle(config, datamodule, module, best.best_model_path or str(last_ckpt),
-                         fit_seconds=fit_seconds, logger_dir=Path(trainer.logger.log_dir))
+                         fit_seconds=fit_seconds)
 
 
 def export_bundle(config: TrainConfig, datamodule: ChestXrayDataModule, module: PneumoniaClassifier,
-                  checkpoint: str, *, fit_seconds: float, logger_dir: Path) -> Path:
+                  checkpoint: str, *, fit_seconds: float) -> Path:
     """Load the best checkpoint, choose the threshold on validation, write ``OUT/bundle``."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
@@ -166,9 +166,11 @@ def export_bundle(config: TrainConfig, datamodule: ChestXrayDataModule, module: 
     config.out.mkdir(parents=True, exist_ok=True)
     split_csv = config.out / "split.csv"
     split_sha = datamodule.split.write_manifest(split_csv, config.data)
-    metrics_csv = logger_dir / "metrics.csv"
-    if metrics_csv.is_file():
-        fig = training_curves_figure(metrics_csv)
+    # A resumed run logs into a new logs/version_N; the curves join them all.
+    metrics_csvs = sorted((config.out / "logs").glob("version_*/metrics.csv"),
+                          key=lambda p: int(p.parent.name.split("_")[1]))
+    if metrics_csvs:
+        fig = training_curves_figure(metrics_csvs)
         fig.savefig(config.out / "curves.png")
     spec = BundleSpec(
         backbone=config.backbone, head=config.head, input_size=config.input_size,
