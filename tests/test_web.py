@@ -99,3 +99,47 @@ def test_factory_refuses_a_broken_bundle(tmp_path: Path) -> None:
 
     with pytest.raises(BundleError):
         create_app({"TESTING": True, "MODEL_DIR": str(tmp_path)})
+
+
+def test_pneumoscan_serve_runs_gunicorn_and_answers(tiny_bundle: Path, xray_root: Path) -> None:
+    """The real server: gunicorn workers fork after the master checked the bundle, then predict."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pneumoscan", "serve", "--model", str(tiny_bundle), "--port", str(port),
+         "--threads", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "server did not start"
+                time.sleep(0.5)
+        image = next((xray_root / "test" / "NORMAL").iterdir())
+        boundary = "pneumoscanboundary"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{image.name}\"\r\n"
+                f"Content-Type: image/jpeg\r\n\r\n").encode() + image.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/predict", data=body, method="POST",
+                                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            import json
+
+            result = json.loads(r.read())["results"][0]
+        assert result["status"] == "ok" and result["filename"] == image.name
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        output = server.communicate(timeout=30)[0]
+    assert "gunicorn" in output.lower()

@@ -7,6 +7,7 @@ from pneumoscan.models.bundle import (
     load_bundle,
     read_spec,
     save_bundle,
+    verify_bundle,
 )
 from pneumoscan.models.registry import (
     HEADS,
@@ -29,4 +30,5 @@ __all__ = [
     "read_spec",
     "register_backbone",
     "save_bundle",
+    "verify_bundle",
 ]

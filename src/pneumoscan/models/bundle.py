@@ -159,12 +159,11 @@ def read_spec(directory: str | Path) -> BundleSpec:
     return BundleSpec.from_json(spec_path.read_text(), source=str(spec_path))
 
 
-def load_bundle(directory: str | Path) -> tuple[Classifier, BundleSpec]:
-    """Rebuild the network from a bundle, check its sha256, and return it in eval mode (float32).
+def verify_bundle(directory: str | Path) -> BundleSpec:
+    """Check a bundle without building the network: spec readable, weights present, sha256 right.
 
     Raises:
-        BundleError: missing files, a sha256 mismatch (corrupt or tampered weights), or weights
-            that do not fit the declared architecture.
+        BundleError: missing files, a bad spec, or a sha256 mismatch (corrupt or tampered weights).
     """
     directory = Path(directory)
     spec = read_spec(directory)
@@ -178,6 +177,19 @@ def load_bundle(directory: str | Path) -> tuple[Classifier, BundleSpec]:
             f"{SPEC_FILE} records {spec.weights_sha256[:16] or 'nothing'}.... Refusing to load it; "
             "re-export or re-download the bundle."
         )
+    return spec
+
+
+def load_bundle(directory: str | Path) -> tuple[Classifier, BundleSpec]:
+    """Rebuild the network from a verified bundle and return it in eval mode (float32).
+
+    Raises:
+        BundleError: see :func:`verify_bundle`; also weights that do not fit the declared
+            architecture.
+    """
+    directory = Path(directory)
+    spec = verify_bundle(directory)
+    weights_path = directory / WEIGHTS_FILE
     try:
         model = create_classifier(spec.backbone, weights="none", head=spec.head,
                                   input_size=spec.input_size, dropout=spec.dropout)

@@ -8,7 +8,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from pneumoscan.models import default_bundle_path, load_bundle
+from pneumoscan.models import default_bundle_path, verify_bundle
 
 
 class _Gunicorn(BaseApplication):
@@ -33,7 +33,9 @@ def run_gunicorn(*, model_dir: Path | None, host: str, port: int, workers: int, 
         BundleError: the bundle cannot be loaded (checked before any worker starts).
     """
     bundle = model_dir or default_bundle_path()
-    load_bundle(bundle)  # fail here, with a clear message, rather than inside every worker
+    # Fail here, with a clear message, rather than inside every worker. No torch computation in
+    # the master: OpenMP threads started before gunicorn forks would deadlock the workers.
+    verify_bundle(bundle)
     os.environ["PNEUMOSCAN_MODEL_DIR"] = str(bundle)
     _Gunicorn({
         "bind": f"{host}:{port}", "workers": workers, "threads": threads,
