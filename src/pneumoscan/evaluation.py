@@ -127,6 +127,68 @@ def confusion_matrix(y_true: Sequence[int], y_score: Sequence[float], *, thresho
 
 
 # ---------------------------------------------------------------------------------------------
+# Calibration and operating points (all fitted on validation, never on test)
+
+OPERATING_POINTS: tuple[str, ...] = ("balanced", "high_sensitivity", "high_specificity")
+
+
+def expected_calibration_error(y_true: Sequence[int], prob: Sequence[float], *, n_bins: int = 15) -> float:
+    """Top-label ECE (Guo et al. 2017): confidence max(p, 1-p) in ``n_bins`` equal-width bins."""
+    y = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(prob, dtype=np.float64)
+    predicted = (p >= 0.5).astype(np.int64)
+    confidence = np.where(predicted == 1, p, 1 - p)
+    correct = (predicted == y).astype(np.float64)
+    edges = np.linspace(0.5, 1.0, n_bins + 1)
+    bins = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        mask = bins == b
+        if mask.any():
+            ece += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
+    return float(ece)
+
+
+def brier_score(y_true: Sequence[int], prob: Sequence[float]) -> float:
+    """Mean squared error of P(pneumonia) against the 0/1 label."""
+    y = np.asarray(y_true, dtype=np.float64)
+    return float(np.mean((np.asarray(prob, dtype=np.float64) - y) ** 2))
+
+
+def fit_temperature(y_true: Sequence[int], log_odds: Sequence[float]) -> float:
+    """Temperature T minimising the NLL of sigmoid(log_odds / T) (temperature scaling)."""
+    from scipy.optimize import minimize_scalar
+
+    y = np.asarray(y_true, dtype=np.float64)
+    z = np.asarray(log_odds, dtype=np.float64)
+
+    def nll(log_t: float) -> float:
+        scaled = z / np.exp(log_t)
+        # log(1 + exp(-s)) written stably for both signs
+        return float(np.mean(np.logaddexp(0, -scaled) * y + np.logaddexp(0, scaled) * (1 - y)))
+
+    result = minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded")
+    return float(np.exp(result.x))
+
+
+def operating_thresholds(y_true: Sequence[int], prob: Sequence[float], *, target: float = 0.95) -> dict[str, float]:
+    """Thresholds on P(pneumonia): ``balanced`` (Youden J), ``high_sensitivity`` (the highest
+    threshold with sensitivity >= target) and ``high_specificity`` (the lowest with
+    specificity >= target)."""
+    y = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(prob, dtype=np.float64)
+    fpr, tpr, thresholds = roc_curve(y, p)
+    thresholds = np.clip(thresholds, 0.0, 1.0)
+    sensitive = np.flatnonzero(tpr >= target)
+    specific = np.flatnonzero(1 - fpr >= target)
+    return {
+        "balanced": youden_threshold(y, p),
+        "high_sensitivity": float(thresholds[sensitive[0]]) if sensitive.size else 0.0,
+        "high_specificity": float(thresholds[specific[-1]]) if specific.size else 1.0,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # Plots
 
 

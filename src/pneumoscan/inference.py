@@ -5,6 +5,7 @@ This is what the CLI's ``predict`` and the web app call; it never imports Lightn
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 
 from pneumoscan.data import decode_image, load_image, normalize, square_resize
-from pneumoscan.errors import PneumoscanError
+from pneumoscan.errors import ConfigError, PneumoscanError
 from pneumoscan.models import BundleSpec, Classifier, default_bundle_path, load_bundle
 
 
@@ -23,8 +24,9 @@ class Prediction:
     """One image's result."""
 
     label: str
-    probability_pneumonia: float
+    probability_pneumonia: float  # calibrated (temperature-scaled) when the bundle is
     threshold: float
+    operating_point: str
 
 
 @dataclass(frozen=True)
@@ -33,70 +35,111 @@ class PathOutcome:
 
     path: str
     label: str | None = None
-    probability: float | None = None
+    probability: float | None = None  # calibrated
+    log_odds: float | None = None  # uncalibrated logit(P(pneumonia)), for calibration reports
     error: str | None = None
 
 
 class Predictor:
     """A loaded bundle plus the exact preprocessing it was trained with."""
 
-    def __init__(self, model: Classifier, spec: BundleSpec) -> None:
+    def __init__(self, model: Classifier, spec: BundleSpec, *, tta: bool = False) -> None:
         self.model = model.eval()
         self.spec = spec
+        self.tta = tta
         # One forward at a time per process: concurrent requests would oversubscribe the cores.
         self._lock = threading.Lock()
 
     @classmethod
-    def from_bundle(cls, path: str | Path | None = None) -> "Predictor":
+    def from_bundle(cls, path: str | Path | None = None, *, tta: bool = False) -> "Predictor":
         """Load a bundle (the packaged default model when ``path`` is None).
+
+        ``tta`` averages the logits of each image and its horizontal mirror.
 
         Raises:
             BundleError: missing, corrupt or tampered bundle.
         """
         model, spec = load_bundle(default_bundle_path() if path is None else Path(path))
-        return cls(model, spec)
+        return cls(model, spec, tta=tta)
+
+    @property
+    def operating_points(self) -> dict[str, float]:
+        """Named thresholds from the bundle (at least the default one)."""
+        return self.spec.operating_points or {self.spec.default_operating_point: self.spec.threshold}
+
+    def threshold_for(self, operating_point: str | None = None, threshold: float | None = None) -> tuple[float, str]:
+        """``(threshold, operating point name)``: an explicit threshold wins, then a named point.
+
+        Raises:
+            ConfigError: an unknown operating point or a threshold outside [0, 1].
+        """
+        if threshold is not None:
+            if not 0.0 <= threshold <= 1.0 or math.isnan(threshold):
+                raise ConfigError(f"threshold must be between 0 and 1, got {threshold}")
+            return threshold, "custom"
+        name = operating_point or self.spec.default_operating_point
+        points = self.operating_points
+        if name not in points:
+            raise ConfigError(f"unknown operating point '{name}'; this model has: {', '.join(points)}")
+        return points[name], name
 
     def label_for(self, probability: float, threshold: float | None = None) -> str:
         """Class name for a probability at ``threshold`` (the bundle's by default)."""
         cut = self.spec.threshold if threshold is None else threshold
         return self.spec.class_names[1] if probability >= cut else self.spec.class_names[0]
 
+    def calibrate(self, log_odds: float) -> float:
+        """Uncalibrated log-odds -> calibrated P(pneumonia) (the bundle's temperature)."""
+        z = log_odds / self.spec.temperature
+        return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """Greyscale image -> uint8 ``1 x S x S`` (the same square resize as training)."""
         return square_resize(image, self.spec.input_size)
 
     @torch.inference_mode()
-    def probabilities(self, pixels: torch.Tensor) -> list[float]:
-        """uint8 ``B x 1 x S x S`` -> P(pneumonia) per image."""
+    def log_odds(self, pixels: torch.Tensor) -> list[float]:
+        """uint8 ``B x 1 x S x S`` -> uncalibrated logit(P(pneumonia)) per image."""
         x = normalize(pixels, self.spec.mean, self.spec.std)
         with self._lock:
-            return self.model(x).softmax(dim=1)[:, 1].tolist()
+            logits = self.model(x)
+            if self.tta:
+                logits = (logits + self.model(x.flip(-1))) / 2
+        return (logits[:, 1] - logits[:, 0]).tolist()
 
-    def predict_images(self, images: Sequence[Image.Image]) -> list[Prediction]:
+    def probabilities(self, pixels: torch.Tensor) -> list[float]:
+        """uint8 ``B x 1 x S x S`` -> calibrated P(pneumonia) per image."""
+        return [self.calibrate(z) for z in self.log_odds(pixels)]
+
+    def predict_images(self, images: Sequence[Image.Image], *, operating_point: str | None = None,
+                       threshold: float | None = None) -> list[Prediction]:
         """Predict decoded greyscale images in one batch."""
+        cut, name = self.threshold_for(operating_point, threshold)
         if not images:
             return []
         batch = torch.stack([self.preprocess(im) for im in images])
-        return [Prediction(self.label_for(p), p, self.spec.threshold) for p in self.probabilities(batch)]
+        return [Prediction(self.label_for(p, cut), p, cut, name) for p in self.probabilities(batch)]
 
-    def predict_bytes(self, data: bytes, *, name: str = "image") -> Prediction:
+    def predict_bytes(self, data: bytes, *, name: str = "image", operating_point: str | None = None,
+                      threshold: float | None = None) -> Prediction:
         """Decode an uploaded file in memory and predict it.
 
         Raises:
             InvalidImageError: the bytes are not a readable image.
         """
         image = decode_image(data, name=name, draft_size=self.spec.input_size)
-        return self.predict_images([image])[0]
+        return self.predict_images([image], operating_point=operating_point, threshold=threshold)[0]
 
-    def predict_paths(self, paths: Sequence[str | Path], *, batch_size: int = 32) -> list[PathOutcome]:
+    def predict_paths(self, paths: Sequence[str | Path], *, batch_size: int = 32,
+                      threshold: float | None = None) -> list[PathOutcome]:
         """Predict files in batches; unreadable files get an error instead of a prediction."""
         outcomes: list[PathOutcome | None] = [None] * len(paths)
         pending: list[tuple[int, torch.Tensor]] = []
 
         def flush() -> None:
-            probs = self.probabilities(torch.stack([px for _, px in pending]))
-            for (i, _), p in zip(pending, probs):
-                outcomes[i] = PathOutcome(str(paths[i]), self.label_for(p), p)
+            for (i, _), z in zip(pending, self.log_odds(torch.stack([px for _, px in pending]))):
+                p = self.calibrate(z)
+                outcomes[i] = PathOutcome(str(paths[i]), self.label_for(p, threshold), p, z)
             pending.clear()
 
         for i, path in enumerate(paths):

@@ -42,8 +42,14 @@ class BundleSpec:
     std: tuple[float, float, float]
     class_names: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
     dropout: float = 0.5
-    threshold: float = 0.5
+    threshold: float = 0.5  # the default operating point's threshold on calibrated P(pneumonia)
     threshold_source: str = "default"  # "validation_youden" when chosen on validation
+    # Temperature scaling fitted on validation: P = softmax(logits / temperature).
+    # "none" (temperature 1, threshold 0.5 unless chosen) for bundles written without it.
+    temperature: float = 1.0
+    calibration: str = "none"
+    operating_points: dict[str, float] = field(default_factory=dict)  # name -> threshold
+    default_operating_point: str = "balanced"
     cam_layer: str = ""
     name: str = "pneumoscan-model"
     weights_sha256: str = ""
@@ -119,6 +125,7 @@ def save_bundle(model: nn.Module, spec: BundleSpec, directory: str | Path, *, ha
     state = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
              for k, v in model.state_dict().items()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared and served
     try:
         save_file(state, str(tmp / WEIGHTS_FILE))
         spec = spec.replace(weights_sha256=sha256_file(tmp / WEIGHTS_FILE),
@@ -127,6 +134,7 @@ def save_bundle(model: nn.Module, spec: BundleSpec, directory: str | Path, *, ha
         for name, source in (extra_files or {}).items():
             shutil.copyfile(source, tmp / name)
         for item in tmp.iterdir():
+            item.chmod(0o644)
             with open(item, "rb") as handle:
                 os.fsync(handle.fileno())
         if directory.exists():

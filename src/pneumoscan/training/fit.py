@@ -118,9 +118,14 @@ def train(config: TrainConfig) -> Path | None:
         class_weights=datamodule.class_weights() if config.class_weighting else None)
 
     best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best-{epoch}", monitor="val_loss",
-                           mode="min", save_last=True, save_top_k=1)
+                           mode="min", save_top_k=1)
+    # Lightning's save_last only writes when the best checkpoint changes; a resumable run needs
+    # last.ckpt after every epoch, so a second, unmonitored checkpoint keeps it.
+    latest = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", monitor=None, save_top_k=1,
+                             enable_version_counter=False)
     callbacks: list[pl.Callback] = [
         best,
+        latest,
         EarlyStopping(monitor="val_loss", mode="min", patience=config.patience),
         LearningRateMonitor(logging_interval="epoch"),
     ]
