@@ -96,3 +96,18 @@ def test_save_is_atomic_and_replaces(model: torch.nn.Module, tmp_path: Path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temporary leftovers
     save_bundle(model, _spec(threshold=0.6), tmp_path / "b")
     assert read_spec(tmp_path / "b").threshold == 0.6
+
+
+def test_bundle_without_calibration_loads_uncalibrated(model: torch.nn.Module, tmp_path: Path) -> None:
+    """A format-1 bundle written before calibration existed: threshold 0.5, temperature 1."""
+    from pneumoscan.inference import Predictor
+
+    save_bundle(model, _spec(threshold=0.5), tmp_path / "old")
+    spec_path = tmp_path / "old" / SPEC_FILE
+    raw = json.loads(spec_path.read_text())
+    for key in ("temperature", "calibration", "operating_points", "default_operating_point"):
+        raw.pop(key)
+    spec_path.write_text(json.dumps(raw))
+    predictor = Predictor.from_bundle(tmp_path / "old")
+    assert predictor.spec.calibration == "none" and predictor.spec.temperature == 1.0
+    assert predictor.threshold_for() == (0.5, "balanced")

@@ -78,7 +78,51 @@ def test_evaluate_folder_writes_the_report(tiny_bundle: Path, xray_root: Path, t
     assert sum(cm.values()) == 12
     lines = (tmp_path / "predictions.csv").read_text().splitlines()
     assert lines[0] == "path,true_label,label,probability_pneumonia,threshold,error" and len(lines) == 13
-    for name in ("roc.png", "confusion.png"):
+    assert set(saved["operating_points"]) == {"balanced", "high_sensitivity", "high_specificity"}
+    assert saved["operating_point"] == "balanced"
+    assert saved["operating_points"]["balanced"]["accuracy"] == saved["accuracy"]
+    assert {"ece_15_before", "ece_15_after", "brier_before", "brier_after"} <= set(saved["calibration"])
+    for name in ("roc.png", "confusion.png", "reliability.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (tmp_path / "report.md").read_text()
-    assert "n = 12" in report and "roc_auc" in report
+    assert "n = 12" in report and "roc_auc" in report and "high_specificity" in report
+
+
+def test_temperature_scaling_recovers_a_known_temperature() -> None:
+    from pneumoscan.evaluation import expected_calibration_error, fit_temperature, sigmoid
+
+    rng = np.random.default_rng(0)
+    true_log_odds = rng.normal(0, 2.0, 20000)
+    y = (rng.random(20000) < sigmoid(true_log_odds)).astype(int)
+    overconfident = true_log_odds * 3.0  # a network 3x too sure of itself
+    temperature = fit_temperature(y, overconfident)
+    assert temperature == pytest.approx(3.0, rel=0.08)
+    assert expected_calibration_error(y, sigmoid(overconfident / temperature)) < 0.5 * \
+        expected_calibration_error(y, sigmoid(overconfident))
+
+
+def test_operating_points_meet_their_targets(scores) -> None:
+    from pneumoscan.evaluation import operating_thresholds
+
+    y, s = scores
+    points = operating_thresholds(y, s)
+    assert set(points) == {"balanced", "high_sensitivity", "high_specificity"}
+    assert point_metrics(y, s, threshold=points["high_sensitivity"])["sensitivity"] >= 0.95
+    assert point_metrics(y, s, threshold=points["high_specificity"])["specificity"] >= 0.95
+    assert points["high_sensitivity"] <= points["balanced"] <= points["high_specificity"]
+
+
+def test_calibrate_on_validation_reports_every_point() -> None:
+    from pneumoscan.evaluation import brier_score, calibrate_on_validation, sigmoid
+
+    rng = np.random.default_rng(1)
+    true_log_odds = rng.normal(0.5, 1.5, 3000)
+    y = (rng.random(3000) < sigmoid(true_log_odds)).astype(int)
+    log_odds = true_log_odds * 2.5
+    result = calibrate_on_validation(y, log_odds)
+    assert result.temperature > 1.5  # the scores were made overconfident by 2.5x
+    report = result.report
+    assert report["ece_15_after"] < report["ece_15_before"]
+    assert report["brier_after"] <= report["brier_before"] + 1e-9
+    assert set(report["operating_points"]) == set(result.operating_points)
+    assert brier_score([0, 1], [0.0, 1.0]) == 0.0

@@ -79,3 +79,20 @@ def test_two_process_ddp_on_cpu(xray_root: Path, tmp_path: Path) -> None:
     assert "world_size" in result.stderr or "distributed" in result.stderr.lower()
     spec = json.loads((tmp_path / "ddp" / "bundle" / "model.json").read_text())
     assert spec["training"]["strategy"] == "ddp" and spec["training"]["devices"] == "2"
+
+
+def test_exported_bundle_is_calibrated_on_validation(trained_run: Path) -> None:
+    from pneumoscan.inference import Predictor
+
+    predictor = Predictor.from_bundle(trained_run / "bundle")
+    spec = predictor.spec
+    assert spec.calibration == "temperature_scaling_on_validation" and spec.temperature > 0
+    assert set(spec.operating_points) == {"balanced", "high_sensitivity", "high_specificity"}
+    assert spec.threshold == spec.operating_points["balanced"]
+    report = spec.val_metrics["calibration"]
+    assert {"ece_15_before", "ece_15_after", "brier_before", "brier_after"} <= set(report)
+    assert predictor.threshold_for("high_sensitivity")[0] == spec.operating_points["high_sensitivity"]
+    with pytest.raises(ConfigError, match="unknown operating point"):
+        predictor.threshold_for("aggressive")
+    with pytest.raises(ConfigError, match="between 0 and 1"):
+        predictor.threshold_for(threshold=1.5)

@@ -22,6 +22,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 ModelOption = Annotated[Optional[Path], typer.Option(
     "--model", help="Model bundle directory (default: the bundled model).")]
+OperatingPointOption = Annotated[Optional[str], typer.Option(
+    help="balanced (default), high_sensitivity or high_specificity: thresholds chosen on validation.")]
+TtaOption = Annotated[bool, typer.Option("--tta", help="Average each image's logits with its mirror image.")]
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -96,14 +99,18 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="Report directory.")] = Path("reports/evaluate"),
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 2000,
     seed: int = 0,
+    operating_point: OperatingPointOption = None,
+    tta: TtaOption = False,
 ) -> None:
     """Evaluate a bundle on a split: metrics.json with 95% CIs, predictions.csv, plots, report.md."""
     from pneumoscan.evaluation import METRIC_NAMES, evaluate_folder
 
     if bootstrap < 100:
         _fail(f"--bootstrap must be at least 100, got {bootstrap}")
-    metrics = evaluate_folder(model, data, split, out, n_boot=bootstrap, seed=seed)
-    typer.echo(f"{split}: n={metrics['n']}, threshold={metrics['threshold']:.4f}")
+    metrics = evaluate_folder(model, data, split, out, n_boot=bootstrap, seed=seed,
+                              operating_point=operating_point, tta=tta)
+    typer.echo(f"{split}: n={metrics['n']}, operating point {metrics['operating_point']}, "
+               f"threshold={metrics['threshold']:.4f}")
     for name in METRIC_NAMES:
         m = metrics[name]
         if m["value"] is not None:
@@ -117,6 +124,9 @@ def predict(
     model: ModelOption = None,
     csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write results to this CSV.")] = None,
     batch_size: int = 32,
+    operating_point: OperatingPointOption = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Explicit threshold on P(pneumonia); overrides --operating-point.")] = None,
+    tta: TtaOption = False,
 ) -> None:
     """Predict images; exit status 1 if any file could not be read."""
     from pneumoscan.data import collect_image_paths
@@ -125,9 +135,9 @@ def predict(
     files = collect_image_paths(paths)
     if not files:
         _fail("no .jpeg/.jpg/.png images found in the given path(s)")
-    predictor = Predictor.from_bundle(model)
-    outcomes = predictor.predict_paths(files, batch_size=batch_size)
-    threshold = predictor.spec.threshold
+    predictor = Predictor.from_bundle(model, tta=tta)
+    threshold, _ = predictor.threshold_for(operating_point, threshold)
+    outcomes = predictor.predict_paths(files, batch_size=batch_size, threshold=threshold)
     if csv_out is not None:
         with csv_out.open("w", newline="") as handle:
             writer = csv.writer(handle)

@@ -201,6 +201,70 @@ def _pyplot():
     return plt
 
 
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """Numerically stable logistic function."""
+    z = np.asarray(z, dtype=np.float64)
+    return np.where(z >= 0, 1 / (1 + np.exp(-np.abs(z))), np.exp(-np.abs(z)) / (1 + np.exp(-np.abs(z))))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What validation decides: temperature, named thresholds, and the figures behind them."""
+
+    temperature: float
+    operating_points: dict[str, float]
+    report: dict
+
+
+def calibrate_on_validation(y_true: Sequence[int], log_odds: Sequence[float]) -> Calibration:
+    """Fit temperature scaling, then choose the operating points on calibrated probabilities."""
+    y = np.asarray(y_true, dtype=np.int64)
+    z = np.asarray(log_odds, dtype=np.float64)
+    temperature = fit_temperature(y, z)
+    raw, calibrated = sigmoid(z), sigmoid(z / temperature)
+    points = operating_thresholds(y, calibrated)
+    report = {
+        "n": int(len(y)),
+        "temperature": round(temperature, 6),
+        "ece_15_before": round(expected_calibration_error(y, raw), 6),
+        "ece_15_after": round(expected_calibration_error(y, calibrated), 6),
+        "brier_before": round(brier_score(y, raw), 6),
+        "brier_after": round(brier_score(y, calibrated), 6),
+        "operating_points": {
+            name: {"threshold": round(t, 6),
+                   **{k: round(v, 6) for k, v in point_metrics(y, calibrated, threshold=t).items()}}
+            for name, t in points.items()
+        },
+    }
+    return Calibration(temperature, points, report)
+
+
+def reliability_figure(y_true: Sequence[int], prob_before: Sequence[float], prob_after: Sequence[float],
+                       *, title: str, n_bins: int = 15):
+    """Observed pneumonia rate against predicted P(pneumonia), before and after calibration."""
+    plt = _pyplot()
+    y = np.asarray(y_true, dtype=np.float64)
+    edges = np.linspace(0, 1, n_bins + 1)
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+    for label, prob in (("before", prob_before), ("after", prob_after)):
+        p = np.asarray(prob, dtype=np.float64)
+        bins = np.clip(np.digitize(p, edges[1:-1], right=True), 0, n_bins - 1)
+        xs, ys = [], []
+        for b in range(n_bins):
+            mask = bins == b
+            if mask.any():
+                xs.append(p[mask].mean())
+                ys.append(y[mask].mean())
+        ece = expected_calibration_error(y, p, n_bins=n_bins)
+        ax.plot(xs, ys, marker="o", label=f"{label} temperature scaling (ECE {ece:.3f})")
+    ax.set(xlabel="predicted P(pneumonia)", ylabel="observed pneumonia rate",
+           title=f"{title} (n={len(y)})", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
 def roc_figure(y_true: Sequence[int], y_score: Sequence[float], *, auc: Estimate, threshold: float,
                title: str):
     """ROC curve with the AUC and its CI, the operating point marked."""
@@ -269,36 +333,59 @@ def training_curves_figure(metrics_csvs: Sequence[Path]):
 # The evaluate command
 
 
+def _estimates(y_true: np.ndarray, y_score: np.ndarray, threshold: float, *, n_boot: int,
+               seed: int) -> dict:
+    estimates = bootstrap_metrics(y_true, y_score, threshold=threshold, n_boot=n_boot, seed=seed)
+    return {"threshold": threshold,
+            **{name: estimates[name].as_dict() for name in METRIC_NAMES},
+            "confusion_matrix": confusion_matrix(y_true, y_score, threshold=threshold)}
+
+
 def evaluate_folder(model_dir: Path | None, data_root: Path, split: str, out_dir: Path, *,
-                    n_boot: int = 2000, seed: int = 0, batch_size: int = 32) -> dict:
+                    n_boot: int = 2000, seed: int = 0, batch_size: int = 32,
+                    operating_point: str | None = None, tta: bool = False) -> dict:
     """Predict every image of ``data_root/split``, write the report files, return metrics.json.
+
+    The top-level metrics are at the chosen operating point (the bundle's default unless
+    given); ``operating_points`` repeats them at every named point of the bundle, and
+    ``calibration`` gives ECE and Brier score with and without the bundle's temperature.
 
     Raises:
         DatasetError: the split or a class folder is missing or empty.
         BundleError: the bundle cannot be loaded.
+        ConfigError: an unknown operating point.
     """
     from pneumoscan.data import CLASS_NAMES, scan_split
     from pneumoscan.inference import Predictor
 
     samples = scan_split(data_root, split)
-    predictor = Predictor.from_bundle(model_dir)
+    predictor = Predictor.from_bundle(model_dir, tta=tta)
     spec = predictor.spec
-    outcomes = predictor.predict_paths([s.path for s in samples], batch_size=batch_size)
+    threshold, point_name = predictor.threshold_for(operating_point)
+    outcomes = predictor.predict_paths([s.path for s in samples], batch_size=batch_size,
+                                       threshold=threshold)
     failed = [o for o in outcomes if o.error is not None]
     kept = [(s, o) for s, o in zip(samples, outcomes) if o.error is None]
     y_true = np.array([s.label for s, _ in kept])
     y_score = np.array([o.probability for _, o in kept])
-    threshold = spec.threshold
-    estimates = bootstrap_metrics(y_true, y_score, threshold=threshold, n_boot=n_boot, seed=seed)
-    counts = confusion_matrix(y_true, y_score, threshold=threshold)
-    metrics: dict = {name: estimates[name].as_dict() for name in METRIC_NAMES}
+    y_raw = sigmoid(np.array([o.log_odds for _, o in kept]))
+    metrics: dict = _estimates(y_true, y_score, threshold, n_boot=n_boot, seed=seed)
     metrics.update({
+        "operating_point": point_name,
         "n": int(len(y_true)),
         "n_by_class": {name: int((y_true == i).sum()) for i, name in enumerate(CLASS_NAMES)},
         "n_unreadable": len(failed),
-        "threshold": threshold,
         "threshold_source": spec.threshold_source,
-        "confusion_matrix": counts,
+        "operating_points": {name: _estimates(y_true, y_score, t, n_boot=n_boot, seed=seed)
+                             for name, t in predictor.operating_points.items()},
+        "calibration": {
+            "method": spec.calibration, "temperature": spec.temperature,
+            "ece_15_before": round(expected_calibration_error(y_true, y_raw), 6),
+            "ece_15_after": round(expected_calibration_error(y_true, y_score), 6),
+            "brier_before": round(brier_score(y_true, y_raw), 6),
+            "brier_after": round(brier_score(y_true, y_score), 6),
+        },
+        "tta": tta,
         "split": split,
         "data": str(data_root),
         "model": {"name": spec.name, "backbone": spec.backbone, "weights_sha256": spec.weights_sha256},
@@ -315,11 +402,14 @@ def evaluate_folder(model_dir: Path | None, data_root: Path, split: str, out_dir
                              "" if o.probability is None else f"{o.probability:.6f}", threshold,
                              o.error or ""))
     title = f"{spec.name} on {split}"
-    for name, fig in (("roc.png", roc_figure(y_true, y_score, auc=estimates["roc_auc"],
-                                               threshold=threshold, title=title)),
-                      ("confusion.png", confusion_figure(counts, class_names=CLASS_NAMES, title=title))):
+    auc = Estimate(**{k: (math.nan if v is None else v) for k, v in metrics["roc_auc"].items()})
+    plt = _pyplot()
+    for name, fig in (
+            ("roc.png", roc_figure(y_true, y_score, auc=auc, threshold=threshold, title=title)),
+            ("confusion.png", confusion_figure(metrics["confusion_matrix"], class_names=CLASS_NAMES, title=title)),
+            ("reliability.png", reliability_figure(y_true, y_raw, y_score, title=title))):
         fig.savefig(out_dir / name)
-        _pyplot().close(fig)
+        plt.close(fig)
     (out_dir / "report.md").write_text(render_report(metrics, failed=[o.path for o in failed]))
     return metrics
 
@@ -332,15 +422,19 @@ def render_report(metrics: dict, *, failed: Sequence[str] = ()) -> str:
         "",
         f"- data: `{metrics['data']}`",
         f"- n = {metrics['n']} images ({', '.join(f'{k} {v}' for k, v in metrics['n_by_class'].items())})",
-        f"- threshold on P(pneumonia): {metrics['threshold']:.4f} ({metrics['threshold_source']})",
+        f"- operating point: {metrics['operating_point']}, threshold on calibrated P(pneumonia): "
+        f"{metrics['threshold']:.4f} ({metrics['threshold_source']})",
+        f"- test-time augmentation (flip averaging): {'on' if metrics['tta'] else 'off'}",
         f"- 95% intervals: percentile bootstrap, {metrics['ci']['resamples']} resamples of images",
         "",
         "| metric | value | 95% CI |",
         "|---|---:|---:|",
     ]
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
     for name in METRIC_NAMES:
         m = metrics[name]
-        fmt = (lambda v: "n/a" if v is None else f"{v:.3f}")
         lines.append(f"| {name} | {fmt(m['value'])} | {fmt(m['ci_low'])} - {fmt(m['ci_high'])} |")
     lines += [
         "",
@@ -352,6 +446,27 @@ def render_report(metrics: dict, *, failed: Sequence[str] = ()) -> str:
         f"| PNEUMONIA | {cm['fn']} | {cm['tp']} |",
         "",
         "![ROC](roc.png) ![confusion](confusion.png)",
+        "",
+        "## Every operating point (thresholds chosen on validation)",
+        "",
+        "| operating point | threshold | " + " | ".join(METRIC_NAMES) + " |",
+        "|---|---:|" + "---:|" * len(METRIC_NAMES),
+    ]
+    for name, point in metrics["operating_points"].items():
+        cells = [f"{fmt(point[m]['value'])} ({fmt(point[m]['ci_low'])}-{fmt(point[m]['ci_high'])})"
+                 for m in METRIC_NAMES]
+        lines.append(f"| {name} | {point['threshold']:.4f} | " + " | ".join(cells) + " |")
+    cal = metrics["calibration"]
+    lines += [
+        "",
+        f"## Calibration ({cal['method']}, temperature {cal['temperature']:.3f})",
+        "",
+        "| | before | after |",
+        "|---|---:|---:|",
+        f"| ECE (15 bins) | {cal['ece_15_before']:.4f} | {cal['ece_15_after']:.4f} |",
+        f"| Brier score | {cal['brier_before']:.4f} | {cal['brier_after']:.4f} |",
+        "",
+        "![reliability](reliability.png)",
         "",
     ]
     if failed:

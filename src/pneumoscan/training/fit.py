@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from pneumoscan.data import CLASS_NAMES, Augmentation, class_counts, normalize
 from pneumoscan.errors import ConfigError
-from pneumoscan.evaluation import point_metrics, training_curves_figure, youden_threshold
+from pneumoscan.evaluation import calibrate_on_validation, training_curves_figure
 from pneumoscan.models import BundleSpec, backbone_info, create_classifier, save_bundle
 from pneumoscan.training.callbacks import StagedFinetuning
 from pneumoscan.training.datamodule import ChestXrayDataModule
@@ -159,14 +158,17 @@ def export_bundle(config: TrainConfig, datamodule: ChestXrayDataModule, module: 
         net.half().float()
     info = backbone_info(config.backbone)
     assert datamodule.val_set is not None and datamodule.split is not None
-    y_true, y_score = [], []
+    y_true, log_odds = [], []
     with torch.inference_mode():
         for pixels, labels in datamodule.val_dataloader():
-            y_score.extend(net(normalize(pixels, info.mean, info.std)).softmax(1)[:, 1].tolist())
+            logits = net(normalize(pixels, info.mean, info.std))
+            log_odds.extend((logits[:, 1] - logits[:, 0]).tolist())
             y_true.extend(labels.tolist())
-    threshold = youden_threshold(np.array(y_true), np.array(y_score))
-    val_metrics = point_metrics(y_true, y_score, threshold=threshold)
-    val_metrics.update(n=len(y_true), n_by_class=dict(zip(CLASS_NAMES, class_counts(datamodule.split.val))))
+    calibration = calibrate_on_validation(y_true, log_odds)
+    threshold = calibration.operating_points["balanced"]
+    val_metrics = {**calibration.report["operating_points"]["balanced"], "n": calibration.report["n"],
+                   "n_by_class": dict(zip(CLASS_NAMES, class_counts(datamodule.split.val))),
+                   "calibration": calibration.report}
 
     config.out.mkdir(parents=True, exist_ok=True)
     split_csv = config.out / "split.csv"
@@ -181,9 +183,11 @@ def export_bundle(config: TrainConfig, datamodule: ChestXrayDataModule, module: 
         backbone=config.backbone, head=config.head, input_size=config.input_size,
         mean=info.mean, std=info.std, class_names=CLASS_NAMES, dropout=config.dropout,
         threshold=threshold, threshold_source="validation_youden",
+        temperature=calibration.temperature, calibration="temperature_scaling_on_validation",
+        operating_points=calibration.operating_points, default_operating_point="balanced",
         cam_layer=net.cam_layer,
         name=f"{config.backbone}-res{config.input_size}-chest_xray-{datetime.now(timezone.utc):%Y%m%d}",
-        val_metrics={k: (round(v, 6) if isinstance(v, float) else v) for k, v in val_metrics.items()},
+        val_metrics=val_metrics,
         training={**config.as_json(), "best_checkpoint": Path(checkpoint).name,
                   "fit_seconds": round(fit_seconds, 1),
                   "train_counts": class_counts(datamodule.split.train)},
@@ -193,8 +197,8 @@ def export_bundle(config: TrainConfig, datamodule: ChestXrayDataModule, module: 
     )
     bundle_dir = config.out / "bundle"
     save_bundle(net, spec, bundle_dir, half=config.half_bundle, extra_files={"split.csv": split_csv})
-    log.info("bundle written to %s (val AUC %.4f, threshold %.4f)", bundle_dir,
-             val_metrics["roc_auc"], threshold)
+    log.info("bundle written to %s (val AUC %.4f, temperature %.3f, threshold %.4f)", bundle_dir,
+             val_metrics["roc_auc"], calibration.temperature, threshold)
     return bundle_dir
 
 
