@@ -90,3 +90,24 @@ def test_wrong_cli_arguments_are_usage_errors() -> None:
 def test_backbones_command_lists_registry() -> None:
     result = runner.invoke(app, ["backbones"])
     assert result.exit_code == 0 and "efficientnet_lite0" in result.output and "vgg19" in result.output
+
+
+def test_calibrate_rewrites_only_the_spec(tiny_bundle: Path, xray_root: Path, tmp_path: Path) -> None:
+    from pneumoscan.models import load_bundle, read_spec
+
+    result = runner.invoke(app, ["calibrate", "--data", str(xray_root), "--model", str(tiny_bundle),
+                                 "--out", str(tmp_path / "cal")])
+    assert result.exit_code == 0, result.output
+    assert "high_specificity" in result.output
+    old, new = read_spec(tiny_bundle), read_spec(tmp_path / "cal")
+    assert new.weights_sha256 == old.weights_sha256
+    assert new.calibration == "temperature_scaling_on_validation"
+    assert new.val_metrics["n"] == old.val_metrics["n"]  # the same validation images
+    load_bundle(tmp_path / "cal")
+    import shutil
+
+    shutil.copytree(tiny_bundle, tmp_path / "nosplit")
+    (tmp_path / "nosplit" / "split.csv").unlink()
+    failed = run_cli("calibrate", "--data", str(xray_root), "--model", str(tmp_path / "nosplit"),
+                     "--out", str(tmp_path / "x"))
+    assert failed.returncode == 2 and "has no split.csv" in failed.stderr

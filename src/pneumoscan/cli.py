@@ -119,6 +119,24 @@ def evaluate(
 
 
 @app.command()
+def calibrate(
+    data: Annotated[Path, typer.Option(help="The Kaggle-layout root the model was trained on.")],
+    out: Annotated[Path, typer.Option(help="Where to write the calibrated bundle.")],
+    model: ModelOption = None,
+) -> None:
+    """Fit temperature scaling and the three operating points on the bundle's own validation split."""
+    from pneumoscan.evaluation import recalibrate_bundle
+
+    report = recalibrate_bundle(model, data, out)
+    typer.echo(f"temperature {report['temperature']:.3f}; validation ECE {report['ece_15_before']:.4f} -> "
+               f"{report['ece_15_after']:.4f} (n={report['n']})")
+    for name, point in report["operating_points"].items():
+        typer.echo(f"  {name:<17} threshold {point['threshold']:.4f}  sensitivity {point['sensitivity']:.3f}  "
+                   f"specificity {point['specificity']:.3f}")
+    typer.echo(f"calibrated bundle written to {out}")
+
+
+@app.command()
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders.")],
     model: ModelOption = None,

@@ -172,33 +172,27 @@ def fit_temperature(y_true: Sequence[int], log_odds: Sequence[float]) -> float:
 
 
 def operating_thresholds(y_true: Sequence[int], prob: Sequence[float], *, target: float = 0.95) -> dict[str, float]:
-    """Thresholds on P(pneumonia): ``balanced`` (Youden J), ``high_sensitivity`` (the highest
-    threshold with sensitivity >= target) and ``high_specificity`` (the lowest with
-    specificity >= target)."""
+    """Thresholds on P(pneumonia) chosen on (validation) scores.
+
+    ``balanced``: Youden's J. ``high_sensitivity``: the most specific threshold whose
+    sensitivity is >= ``target``; ``high_specificity``: the most sensitive threshold whose
+    specificity is >= ``target``. Each is clamped to the far side of ``balanced`` so the names
+    keep their meaning: high_sensitivity never calls less pneumonia than balanced does.
+    """
     y = np.asarray(y_true, dtype=np.int64)
     p = np.asarray(prob, dtype=np.float64)
     fpr, tpr, thresholds = roc_curve(y, p)
     thresholds = np.clip(thresholds, 0.0, 1.0)
     sensitive = np.flatnonzero(tpr >= target)
     specific = np.flatnonzero(1 - fpr >= target)
+    balanced = youden_threshold(y, p)
+    high_sensitivity = float(thresholds[sensitive[0]]) if sensitive.size else 0.0
+    high_specificity = float(thresholds[specific[-1]]) if specific.size else 1.0
     return {
-        "balanced": youden_threshold(y, p),
-        "high_sensitivity": float(thresholds[sensitive[0]]) if sensitive.size else 0.0,
-        "high_specificity": float(thresholds[specific[-1]]) if specific.size else 1.0,
+        "balanced": balanced,
+        "high_sensitivity": min(high_sensitivity, balanced),
+        "high_specificity": max(high_specificity, balanced),
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# Plots
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -237,6 +231,19 @@ def calibrate_on_validation(y_true: Sequence[int], log_odds: Sequence[float]) ->
         },
     }
     return Calibration(temperature, points, report)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def reliability_figure(y_true: Sequence[int], prob_before: Sequence[float], prob_after: Sequence[float],
@@ -473,3 +480,68 @@ def render_report(metrics: dict, *, failed: Sequence[str] = ()) -> str:
         lines += [f"{len(failed)} file(s) could not be read and are left out:", ""]
         lines += [f"- `{p}`" for p in failed] + [""]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Re-calibrating an existing bundle on its own validation split
+
+
+def validation_samples(bundle_dir: Path, data_root: Path) -> list:
+    """The bundle's validation images (``split.csv`` rows with role ``val``) under ``data_root``.
+
+    Raises:
+        BundleError: the bundle has no split.csv.
+        DatasetError: a listed image is missing under ``data_root``.
+    """
+    from pneumoscan.data import CLASS_NAMES, Sample
+    from pneumoscan.errors import BundleError, DatasetError
+
+    split_csv = bundle_dir / "split.csv"
+    if not split_csv.is_file():
+        raise BundleError(f"{bundle_dir} has no split.csv, so its validation split is unknown")
+    samples = []
+    for row in csv.DictReader(split_csv.open()):
+        if row["role"] != "val":
+            continue
+        path = data_root / row["path"]
+        if not path.is_file():
+            raise DatasetError(f"{path} (listed in {split_csv}) does not exist; is --data the "
+                               "folder the model was trained on?")
+        samples.append(Sample(path, CLASS_NAMES.index(row["label"]), row["patient_id"]))
+    return samples
+
+
+def recalibrate_bundle(bundle_dir: Path | None, data_root: Path, out_dir: Path) -> dict:
+    """Fit temperature and operating points on the bundle's own validation split; write a new bundle.
+
+    The weights are copied unchanged (same sha256); only ``model.json`` gains the calibration.
+    """
+    import shutil
+
+    from pneumoscan.inference import Predictor
+    from pneumoscan.models import default_bundle_path, save_bundle
+
+    bundle_dir = bundle_dir or default_bundle_path()
+    predictor = Predictor.from_bundle(bundle_dir)
+    samples = validation_samples(bundle_dir, data_root)
+    outcomes = predictor.predict_paths([s.path for s in samples])
+    bad = [o for o in outcomes if o.error]
+    if bad:
+        from pneumoscan.errors import DatasetError
+
+        raise DatasetError(f"{len(bad)} validation image(s) could not be read, e.g. {bad[0].error}")
+    calibration = calibrate_on_validation([s.label for s in samples], [o.log_odds for o in outcomes])
+    spec = predictor.spec
+    val_metrics = {**spec.val_metrics, **calibration.report["operating_points"]["balanced"],
+                   "n": calibration.report["n"], "calibration": calibration.report}
+    new_spec = spec.replace(
+        temperature=calibration.temperature, calibration="temperature_scaling_on_validation",
+        operating_points=calibration.operating_points, default_operating_point="balanced",
+        threshold=calibration.operating_points["balanced"], threshold_source="validation_youden",
+        val_metrics=val_metrics)
+    written = save_bundle(predictor.model, new_spec, out_dir, half=spec.weights_dtype == "float16",
+                          extra_files={"split.csv": bundle_dir / "split.csv"})
+    if written.weights_sha256 != spec.weights_sha256:  # pragma: no cover - a defect, not user error
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise RuntimeError("re-saving changed the weights; refusing to write a different model")
+    return calibration.report
