@@ -126,3 +126,11 @@ def test_calibrate_on_validation_reports_every_point() -> None:
     assert report["brier_after"] <= report["brier_before"] + 1e-9
     assert set(report["operating_points"]) == set(result.operating_points)
     assert brier_score([0, 1], [0.0, 1.0]) == 0.0
+
+
+def test_evaluate_the_bundles_own_validation_split(tiny_bundle: Path, xray_root: Path, tmp_path: Path) -> None:
+    from pneumoscan.models import read_spec
+
+    metrics = evaluate_folder(tiny_bundle, xray_root, "validation", tmp_path, n_boot=100)
+    assert metrics["n"] == read_spec(tiny_bundle).val_metrics["n"]
+    assert metrics["split"] == "validation"

@@ -94,7 +94,7 @@ def train(
 @app.command()
 def evaluate(
     data: Annotated[Path, typer.Option(help="Kaggle-layout root.")],
-    split: Annotated[str, typer.Option(help="Split folder to evaluate.")] = "test",
+    split: Annotated[str, typer.Option(help="Split folder to evaluate (test, val, train), or 'validation' for the bundle's own validation split.")] = "test",
     model: ModelOption = None,
     out: Annotated[Path, typer.Option(help="Report directory.")] = Path("reports/evaluate"),
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 2000,

@@ -357,6 +357,9 @@ def evaluate_folder(model_dir: Path | None, data_root: Path, split: str, out_dir
     given); ``operating_points`` repeats them at every named point of the bundle, and
     ``calibration`` gives ECE and Brier score with and without the bundle's temperature.
 
+    ``split="validation"`` evaluates the bundle's own validation split (from its split.csv):
+    the split its threshold and temperature were chosen on, so those figures are optimistic.
+
     Raises:
         DatasetError: the split or a class folder is missing or empty.
         BundleError: the bundle cannot be loaded.
@@ -364,9 +367,13 @@ def evaluate_folder(model_dir: Path | None, data_root: Path, split: str, out_dir
     """
     from pneumoscan.data import CLASS_NAMES, scan_split
     from pneumoscan.inference import Predictor
+    from pneumoscan.models import default_bundle_path
 
-    samples = scan_split(data_root, split)
     predictor = Predictor.from_bundle(model_dir, tta=tta)
+    if split == "validation":  # the bundle's own validation split (what it was tuned on)
+        samples = validation_samples(Path(model_dir or default_bundle_path()), data_root)
+    else:
+        samples = scan_split(data_root, split)
     spec = predictor.spec
     threshold, point_name = predictor.threshold_for(operating_point)
     outcomes = predictor.predict_paths([s.path for s in samples], batch_size=batch_size,
