@@ -39,11 +39,11 @@ class TrainConfig:
     head: str = "pool"
     input_size: int = 224
     dropout: float = 0.5
-    epochs: int = 6
-    frozen_epochs: int = 2
-    finetune_blocks: int = 2
+    epochs: int = 5
+    frozen_epochs: int = 1
+    finetune_blocks: int = 5
     lr: float = 1e-3
-    finetune_lr_factor: float = 0.1
+    finetune_lr_factor: float = 0.3
     weight_decay: float = 1e-4
     batch_size: int = 16
     val_fraction: float = 0.1
