@@ -179,6 +179,44 @@ def predict(
 
 
 @app.command()
+def explain(
+    images: Annotated[list[Path], typer.Argument(help="Image files and/or folders.")],
+    out: Annotated[Path, typer.Option(help="Folder for the overlays (IMAGE.gradcam.png).")],
+    model: ModelOption = None,
+    opacity: Annotated[float, typer.Option(help="Heatmap opacity over the X-ray, 0-1.")] = 0.4,
+) -> None:
+    """Grad-CAM overlays of the PNEUMONIA class, with the share of the heatmap on the chest."""
+    from pneumoscan.data import collect_image_paths, load_image
+    from pneumoscan.explain import overlay
+    from pneumoscan.inference import Predictor
+
+    if not 0.0 <= opacity <= 1.0:
+        _fail(f"--opacity must be between 0 and 1, got {opacity}")
+    files = collect_image_paths(images)
+    if not files:
+        _fail("no .jpeg/.jpg/.png images found in the given path(s)")
+    predictor = Predictor.from_bundle(model)
+    out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for path in files:
+        try:
+            image = load_image(path)
+        except PneumoscanError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            failed += 1
+            continue
+        prediction = predictor.predict_images([image])[0]
+        explanation = predictor.explain(image)
+        target = out / f"{path.stem}.gradcam.png"
+        overlay(image, explanation.cam, opacity=opacity).save(target)
+        warning = "  WARNING: heatmap mostly outside the chest" if explanation.shortcut_warning else ""
+        typer.echo(f"{path}: {prediction.label} p={prediction.probability_pneumonia:.3f}, "
+                   f"{explanation.central_share:.0%} of the heatmap on the chest -> {target}{warning}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
 def serve(
     model: ModelOption = None,
     host: Annotated[str, typer.Option(envvar="PNEUMOSCAN_HOST")] = "127.0.0.1",

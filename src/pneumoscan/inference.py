@@ -9,7 +9,7 @@ import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from PIL import Image
@@ -17,6 +17,9 @@ from PIL import Image
 from pneumoscan.data import decode_image, load_image, normalize, square_resize
 from pneumoscan.errors import ConfigError, PneumoscanError
 from pneumoscan.models import BundleSpec, Classifier, default_bundle_path, load_bundle
+
+if TYPE_CHECKING:
+    from pneumoscan.explain import Explanation
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,23 @@ class Predictor:
         """
         image = decode_image(data, name=name, draft_size=self.spec.input_size)
         return self.predict_images([image], operating_point=operating_point, threshold=threshold)[0]
+
+    def explain(self, image: Image.Image, *, target: int = 1) -> "Explanation":
+        """Grad-CAM of class ``target`` (PNEUMONIA by default) at the model's input size.
+
+        Raises:
+            ConfigError: the bundle names no Grad-CAM layer, or its layer gives no spatial map.
+        """
+        from pneumoscan.explain import Explanation, central_share, grad_cam
+
+        layer = self.spec.cam_layer or self.model.cam_layer
+        x = normalize(self.preprocess(image)[None], self.spec.mean, self.spec.std)
+        try:
+            with self._lock:
+                cam = grad_cam(self.model, x, layer=layer, target=target)[0]
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise ConfigError(f"Grad-CAM is not available for {self.spec.backbone}: {exc}") from None
+        return Explanation(cam=cam, central_share=central_share(cam))
 
     def predict_paths(self, paths: Sequence[str | Path], *, batch_size: int = 32,
                       threshold: float | None = None) -> list[PathOutcome]:

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import current_app, request
+import base64
 
+from flask import current_app, request
+from PIL import Image
+
+from pneumoscan.data import decode_image
 from pneumoscan.errors import InvalidImageError, PneumoscanError
+from pneumoscan.explain import overlay, png_bytes
 from pneumoscan.inference import Predictor
 
 
@@ -42,20 +47,29 @@ def predict_uploads() -> list[dict[str, Any]]:
         raise UploadError(f"{len(files)} files in one request; the limit is {limit}",
                           code="too_many_files", http_status=413)
     model = predictor()
+    explain = request.values.get("explain", "").lower() in ("1", "true", "yes", "on")
     results: list[dict[str, Any]] = []
     for upload in files:
         name = (upload.filename or "upload").replace("\\", "/").rsplit("/", 1)[-1][:255]
-        data = upload.read()
         try:
-            prediction = model.predict_bytes(data, name=name)
+            image = decode_image(upload.read(), name=name, draft_size=model.spec.input_size)
         except InvalidImageError as exc:
             results.append({"filename": name, "status": "error",
                             "error": {"code": exc.code, "message": str(exc)},
                             "http_status": exc.http_status})
             continue
-        results.append({
+        prediction = model.predict_images([image])[0]
+        result: dict[str, Any] = {
             "filename": name, "status": "ok", "label": prediction.label,
             "probability_pneumonia": round(prediction.probability_pneumonia, 6),
             "threshold": round(prediction.threshold, 6),
-        })
+            "operating_point": prediction.operating_point,
+        }
+        if explain:
+            explanation = model.explain(image)
+            square = image.resize((model.spec.input_size,) * 2, Image.Resampling.BILINEAR)
+            result["gradcam_png"] = base64.b64encode(png_bytes(overlay(square, explanation.cam))).decode()
+            result["gradcam_central_share"] = round(explanation.central_share, 4)
+            result["gradcam_shortcut_warning"] = explanation.shortcut_warning
+        results.append(result)
     return results

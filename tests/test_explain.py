@@ -1,0 +1,78 @@
+"""Grad-CAM: maps, overlays, the chest-share warning, CLI and API."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import image_bytes, make_xray
+from pneumoscan.cli import app
+from pneumoscan.explain import central_share, overlay
+from pneumoscan.inference import Predictor
+
+
+def test_central_share() -> None:
+    cam = np.zeros((100, 100), dtype=np.float32)
+    cam[40:60, 40:60] = 1.0
+    assert central_share(cam) == 1.0
+    cam[:, :] = 0.0
+    cam[0:5, 0:5] = 1.0  # a corner label, not lungs
+    assert central_share(cam) == 0.0
+    assert central_share(np.zeros((10, 10))) == 1.0
+
+
+def test_explain_gives_a_map_and_releases_hooks(tiny_bundle: Path) -> None:
+    predictor = Predictor.from_bundle(tiny_bundle)
+    explanation = predictor.explain(make_xray(5, pneumonia=True))
+    size = predictor.spec.input_size
+    assert explanation.cam.shape == (size, size)
+    assert 0.0 <= explanation.cam.min() and explanation.cam.max() <= 1.0
+    assert 0.0 <= explanation.central_share <= 1.0
+    layer = dict(predictor.model.named_modules())[predictor.spec.cam_layer]
+    assert not layer._forward_hooks and not layer._backward_hooks
+    # predictions are unchanged by explaining (no state leaks into the model)
+    before = predictor.predict_images([make_xray(6)])[0].probability_pneumonia
+    predictor.explain(make_xray(6))
+    assert predictor.predict_images([make_xray(6)])[0].probability_pneumonia == pytest.approx(before, abs=1e-7)
+
+
+def test_overlay_keeps_the_image_size() -> None:
+    image = make_xray(1, size=(90, 70))
+    cam = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    out = overlay(image, cam, opacity=0.5)
+    assert out.size == image.size and out.mode == "RGB"
+    assert not np.array_equal(np.asarray(out)[..., 0], np.asarray(out)[..., 2])  # colour was added
+
+
+def test_explain_cli_writes_overlays(tiny_bundle: Path, xray_root: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["explain", "--model", str(tiny_bundle), str(xray_root / "test" / "NORMAL"),
+                                      "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    written = sorted(tmp_path.glob("*.gradcam.png"))
+    assert len(written) == 6 and "of the heatmap on the chest" in result.output
+    assert Image.open(written[0]).mode == "RGB"
+
+
+def test_api_explain_returns_a_png(client) -> None:
+    data = {"file": [(io.BytesIO(image_bytes(make_xray(3))), "x.png")], "explain": "true"}
+    result = client.post("/api/v1/predict", data=data, content_type="multipart/form-data").get_json()["results"][0]
+    png = base64.b64decode(result["gradcam_png"])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 0.0 <= result["gradcam_central_share"] <= 1.0
+    plain = client.post("/api/v1/predict", data={"file": [(io.BytesIO(image_bytes(make_xray(3))), "x.png")]},
+                        content_type="multipart/form-data").get_json()["results"][0]
+    assert "gradcam_png" not in plain
+    assert plain["probability_pneumonia"] == result["probability_pneumonia"]
+
+
+def test_upload_page_shows_the_heatmap(client) -> None:
+    data = {"file": [(io.BytesIO(image_bytes(make_xray(4))), "y.png")], "explain": "true"}
+    page = client.post("/", data=data, content_type="multipart/form-data").get_data(as_text=True)
+    assert 'class="gradcam" src="data:image/png;base64,' in page
+    assert "of the heatmap" in page
