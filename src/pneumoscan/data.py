@@ -28,7 +28,7 @@ from pneumoscan.errors import ConfigError, DatasetError, InvalidImageError
 
 CLASS_NAMES: tuple[str, str] = ("NORMAL", "PNEUMONIA")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png"})
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".dcm"})
 #: Decoding more pixels than this is refused before the pixel data is read (decompression bombs).
 MAX_PIXELS: int = 64_000_000
 _SIGNATURES: tuple[bytes, ...] = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG
@@ -39,7 +39,7 @@ _SIGNATURES: tuple[bytes, ...] = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG
 
 def decode_image(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXELS,
                  draft_size: int | None = None) -> Image.Image:
-    """Decode JPEG or PNG bytes into an 8-bit greyscale ("L") image.
+    """Decode JPEG, PNG or DICOM bytes into an 8-bit greyscale ("L") image.
 
     Colour is averaged to grey, alpha is dropped (composited on black), and 16-bit greyscale is
     stretched to its own min..max range. ``draft_size`` lets JPEG decode at a reduced scale that
@@ -50,13 +50,15 @@ def decode_image(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXE
     """
     if not data:
         raise InvalidImageError(f"{name}: the file is empty", code="empty_file")
+    if data[128:132] == b"DICM":
+        return decode_dicom(data, name=name, max_pixels=max_pixels)
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         if data.startswith(_SIGNATURES):
             raise InvalidImageError(f"{name}: the image header is corrupt") from None
         raise InvalidImageError(
-            f"{name}: not a JPEG or PNG image", code="unsupported_media_type", http_status=415
+            f"{name}: not a JPEG, PNG or DICOM image", code="unsupported_media_type", http_status=415
         ) from None
     except Exception as exc:  # Pillow raises many types on hostile headers
         raise InvalidImageError(f"{name}: cannot read the image header ({exc})") from None
@@ -80,6 +82,49 @@ def decode_image(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXE
         return _to_grey(image)
     except Exception as exc:
         raise InvalidImageError(f"{name}: the image data is corrupt or truncated ({exc})") from None
+
+
+def decode_dicom(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """DICOM (Part 10) bytes -> 8-bit grey: Rescale (modality LUT), then VOI LUT / windowing,
+    then MONOCHROME1 inverted, then stretched to 0..255. All in memory.
+
+    Error messages never quote the data set, so patient identifiers cannot leak through them.
+
+    Raises:
+        InvalidImageError: unreadable DICOM, no pixel data, too many pixels, or a compressed
+            transfer syntax no installed decoder handles.
+    """
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data))
+    except Exception:
+        raise InvalidImageError(f"{name}: the DICOM file is corrupt or truncated") from None
+    if "PixelData" not in dataset:
+        raise InvalidImageError(f"{name}: the DICOM file has no pixel data", code="dicom_no_pixels")
+    rows, columns = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
+    if rows * columns > max_pixels:
+        raise InvalidImageError(f"{name}: {columns}x{rows} pixels is more than the limit of {max_pixels}",
+                                code="too_many_pixels", http_status=413)
+    try:
+        pixels = dataset.pixel_array
+    except Exception as exc:
+        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+        detail = f" (transfer syntax {syntax.name})" if syntax is not None else ""
+        raise InvalidImageError(f"{name}: cannot decode the DICOM pixel data{detail}: "
+                                f"{type(exc).__name__}", code="dicom_undecodable") from None
+    if pixels.ndim == 3 and dataset.get("SamplesPerPixel", 1) == 1:
+        pixels = pixels[0]  # multi-frame: the first frame
+    if pixels.ndim != 2:
+        raise InvalidImageError(f"{name}: only single-channel (greyscale) DICOM images are supported",
+                                code="unsupported_media_type", http_status=415)
+    values = apply_voi_lut(apply_modality_lut(pixels, dataset), dataset).astype(np.float64)
+    if str(dataset.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        values = values.max() + values.min() - values
+    low, high = float(values.min()), float(values.max())
+    scale = 255.0 / (high - low) if high > low else 0.0
+    return Image.fromarray(((values - low) * scale).round().astype(np.uint8))
 
 
 def _to_grey(image: Image.Image) -> Image.Image:

@@ -1,0 +1,141 @@
+"""DICOM input: Rescale -> VOI LUT -> MONOCHROME1 inversion, compressed syntaxes, and privacy."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pneumoscan.data import decode_image
+from pneumoscan.errors import InvalidImageError
+
+pydicom = pytest.importorskip("pydicom")
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.uid import (  # noqa: E402
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
+
+PATIENT = "Doe^Jane"
+PATIENT_ID = "PID-99871"
+
+
+def _gradient(bits: int = 16) -> np.ndarray:
+    top = 4095 if bits == 16 else 255
+    ramp = np.linspace(0, top, 48 * 40).reshape(48, 40)
+    return ramp.astype(np.uint16 if bits == 16 else np.uint8)
+
+
+def make_dicom(pixels: np.ndarray | None, *, photometric: str = "MONOCHROME2", syntax=ExplicitVRLittleEndian,
+               extra: dict | None = None) -> bytes:
+    """A DICOM Part 10 file built in memory, with a patient name that must never leak."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientName = PATIENT
+    ds.PatientID = PATIENT_ID
+    ds.Modality = "CR"
+    if pixels is not None:
+        bits = pixels.dtype.itemsize * 8
+        ds.Rows, ds.Columns = pixels.shape
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = photometric
+        ds.BitsAllocated = bits
+        ds.BitsStored = 12 if bits == 16 else 8
+        ds.HighBit = ds.BitsStored - 1
+        ds.PixelRepresentation = 0
+        ds.PixelData = pixels.tobytes()
+    for key, value in (extra or {}).items():
+        setattr(ds, key, value)
+    if pixels is not None and syntax == RLELossless:
+        ds.compress(RLELossless, pixels)
+    elif pixels is not None and syntax == JPEGBaseline8Bit:
+        from pydicom.encaps import encapsulate
+
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+        ds.PixelData = encapsulate([buffer.getvalue()])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def _stretch(values: np.ndarray) -> np.ndarray:
+    values = values.astype(np.float64)
+    return (values - values.min()) * 255.0 / (values.max() - values.min())
+
+
+def test_monochrome2_16bit_is_stretched_to_8bit() -> None:
+    pixels = _gradient()
+    image = decode_image(make_dicom(pixels))
+    assert image.mode == "L" and image.size == (40, 48)
+    assert np.abs(np.asarray(image, float) - _stretch(pixels)).max() <= 1
+
+
+def test_monochrome1_is_inverted() -> None:
+    pixels = _gradient()
+    normal = np.asarray(decode_image(make_dicom(pixels)), float)
+    inverted = np.asarray(decode_image(make_dicom(pixels, photometric="MONOCHROME1")), float)
+    assert np.abs(inverted - (255 - normal)).max() <= 1
+
+
+def test_rescale_then_window_in_that_order() -> None:
+    pixels = _gradient()
+    # Rescale maps 0..4095 to -1000..7190; the window (in rescaled units) keeps 0..2000.
+    extra = {"RescaleSlope": 2, "RescaleIntercept": -1000, "WindowCenter": 1000, "WindowWidth": 2000}
+    image = np.asarray(decode_image(make_dicom(pixels, extra=extra)), float)
+    rescaled = pixels.astype(float) * 2 - 1000
+    assert image[rescaled <= 0].max() <= 1  # below the window: black
+    assert image[rescaled >= 2000].min() >= 254  # above the window: white
+    inside = (rescaled > 100) & (rescaled < 1900)
+    expected = (rescaled[inside] - 0) / 2000 * 255
+    assert np.abs(image[inside] - expected).max() <= 3
+
+
+def test_rle_compressed_matches_uncompressed() -> None:
+    pixels = _gradient()
+    plain = np.asarray(decode_image(make_dicom(pixels)))
+    rle = np.asarray(decode_image(make_dicom(pixels, syntax=RLELossless)))
+    assert np.array_equal(plain, rle)
+
+
+def test_jpeg_compressed_decodes() -> None:
+    pixels = _gradient(8)
+    image = np.asarray(decode_image(make_dicom(pixels, syntax=JPEGBaseline8Bit)), float)
+    assert np.abs(image - _stretch(pixels)).mean() < 4
+
+
+def test_dicom_without_pixels_and_truncated() -> None:
+    with pytest.raises(InvalidImageError) as no_pixels:
+        decode_image(make_dicom(None), name="scan.dcm")
+    assert no_pixels.value.code == "dicom_no_pixels"
+    truncated = make_dicom(_gradient())[:-1000]  # cut inside the pixel data
+    with pytest.raises(InvalidImageError, match="corrupt or truncated|cannot decode"):
+        decode_image(truncated)
+
+
+def test_patient_identifiers_never_leak(client, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    files = [(io.BytesIO(make_dicom(_gradient())), "a.dcm"), (io.BytesIO(make_dicom(None)), "b.dcm"),
+             (io.BytesIO(make_dicom(_gradient())[:600]), "c.dcm")]
+    response = client.post("/api/v1/predict", data={"file": files}, content_type="multipart/form-data")
+    body = response.get_data(as_text=True)
+    statuses = [r["status"] for r in response.get_json()["results"]]
+    assert statuses == ["ok", "error", "error"]
+    page = client.post("/", data={"file": [(io.BytesIO(make_dicom(_gradient())), "a.dcm")]},
+                       content_type="multipart/form-data").get_data(as_text=True)
+    for text in (body, page, caplog.text):
+        assert "Doe" not in text and "Jane" not in text and PATIENT_ID not in text
