@@ -143,3 +143,19 @@ def test_pneumoscan_serve_runs_gunicorn_and_answers(tiny_bundle: Path, xray_root
         os.killpg(server.pid, signal.SIGTERM)
         output = server.communicate(timeout=30)[0]
     assert "gunicorn" in output.lower()
+
+
+def test_api_operating_point_and_threshold(client, app) -> None:
+    predictor = app.extensions["pneumoscan"]
+    data = lambda **kw: {"file": [(io.BytesIO(image_bytes(make_xray(8))), "x.png")], **kw}  # noqa: E731
+    post = lambda **kw: client.post("/api/v1/predict", data=data(**kw), content_type="multipart/form-data")  # noqa: E731
+    result = post(operating_point="high_specificity").get_json()["results"][0]
+    assert result["operating_point"] == "high_specificity"
+    assert result["threshold"] == pytest.approx(predictor.spec.operating_points["high_specificity"], abs=1e-6)
+    custom = post(threshold="0.99").get_json()["results"][0]
+    assert custom["threshold"] == 0.99 and custom["operating_point"] == "custom"
+    assert custom["label"] == ("PNEUMONIA" if custom["probability_pneumonia"] >= 0.99 else "NORMAL")
+    for bad, status in ((dict(operating_point="reckless"), 400), (dict(threshold="abc"), 422),
+                        (dict(threshold="1.5"), 400)):
+        response = post(**bad)
+        assert response.status_code == status and response.is_json, bad

@@ -29,6 +29,16 @@ def predictor() -> Predictor:
     return current_app.extensions["pneumoscan"]
 
 
+def _float_or_none(value: str | None) -> float | None:
+    if value in (None, ""):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise UploadError(f"threshold must be a number between 0 and 1, got {value[:40]!r}",
+                          code="invalid_threshold", http_status=422) from None
+
+
 def predict_uploads() -> list[dict[str, Any]]:
     """Predict every file in the multipart field ``file``.
 
@@ -48,6 +58,8 @@ def predict_uploads() -> list[dict[str, Any]]:
                           code="too_many_files", http_status=413)
     model = predictor()
     explain = request.values.get("explain", "").lower() in ("1", "true", "yes", "on")
+    threshold, point = model.threshold_for(request.values.get("operating_point") or None,
+                                           _float_or_none(request.values.get("threshold")))
     results: list[dict[str, Any]] = []
     for upload in files:
         name = (upload.filename or "upload").replace("\\", "/").rsplit("/", 1)[-1][:255]
@@ -58,12 +70,12 @@ def predict_uploads() -> list[dict[str, Any]]:
                             "error": {"code": exc.code, "message": str(exc)},
                             "http_status": exc.http_status})
             continue
-        prediction = model.predict_images([image])[0]
+        prediction = model.predict_images([image], threshold=threshold)[0]
         result: dict[str, Any] = {
             "filename": name, "status": "ok", "label": prediction.label,
             "probability_pneumonia": round(prediction.probability_pneumonia, 6),
             "threshold": round(prediction.threshold, 6),
-            "operating_point": prediction.operating_point,
+            "operating_point": point,
         }
         if explain:
             explanation = model.explain(image)
