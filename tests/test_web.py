@@ -159,3 +159,15 @@ def test_api_operating_point_and_threshold(client, app) -> None:
                         (dict(threshold="1.5"), 400)):
         response = post(**bad)
         assert response.status_code == status and response.is_json, bad
+
+
+def test_readyz_and_request_ids(client, app) -> None:
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.get_json()["weights_sha256"] == app.extensions["pneumoscan"].spec.weights_sha256
+    app.extensions["pneumoscan_ready"] = False
+    assert client.get("/readyz").status_code == 503
+    first, second = client.get("/healthz"), client.get("/api/v1/nothing")
+    assert len(first.headers["X-Request-ID"]) == 32 and second.headers["X-Request-ID"] != first.headers["X-Request-ID"]
+    assert client.get("/healthz", headers={"X-Request-ID": "abc-123"}).headers["X-Request-ID"] == "abc-123"
+    hostile = client.get("/healthz", headers={"X-Request-ID": "x\x7f<script>"}).headers["X-Request-ID"]
+    assert hostile != "x\x7f<script>" and len(hostile) == 32

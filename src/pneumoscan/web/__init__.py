@@ -6,10 +6,13 @@ only; it never imports training code or Lightning.
 
 from __future__ import annotations
 
+import re
 import secrets
+import uuid
 from typing import Any, Mapping
 
-from flask import Flask, jsonify, render_template, request
+from flask import Flask, g, jsonify, render_template, request
+from PIL import Image
 from werkzeug.exceptions import HTTPException
 
 from pneumoscan.errors import PneumoscanError
@@ -37,14 +40,36 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         app.config.update(test_config)
     if not app.config.get("SECRET_KEY"):
         app.config["SECRET_KEY"] = secrets.token_hex(32)
-    app.extensions["pneumoscan"] = Predictor.from_bundle(app.config["MODEL_DIR"])
+    predictor = Predictor.from_bundle(app.config["MODEL_DIR"])  # checks the sha256
+    # One warm-up inference before /readyz says yes: the first real request pays no start-up cost.
+    predictor.predict_images([Image.new("L", (predictor.spec.input_size,) * 2)])
+    app.extensions["pneumoscan"] = predictor
+    app.extensions["pneumoscan_ready"] = True
 
     from pneumoscan.web import api, views
 
     app.register_blueprint(views.bp)
     app.register_blueprint(api.bp, url_prefix="/api/v1")
     _register_error_handlers(app)
+    _register_request_ids(app)
     return app
+
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+def _register_request_ids(app: Flask) -> None:
+    """Every response carries X-Request-ID: the caller's (if well-formed) or a new one."""
+
+    @app.before_request
+    def assign_request_id() -> None:
+        incoming = request.headers.get("X-Request-ID", "")
+        g.request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+
+    @app.after_request
+    def add_request_id(response):
+        response.headers["X-Request-ID"] = g.get("request_id") or uuid.uuid4().hex
+        return response
 
 
 def _wants_json() -> bool:

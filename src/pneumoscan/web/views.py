@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, render_template
+from flask import Blueprint, current_app, render_template
 
 from pneumoscan.web.uploads import UploadError, predict_uploads, predictor
 
@@ -29,3 +29,12 @@ def upload():
 def healthz():
     """The process is alive (the model was loaded when the app was created)."""
     return {"status": "ok"}
+
+
+@bp.get("/readyz")
+def readyz():
+    """200 once the model is loaded, its sha256 verified and one warm-up inference done."""
+    if not current_app.extensions.get("pneumoscan_ready"):
+        return {"status": "loading"}, 503
+    spec = predictor().spec
+    return {"status": "ready", "model": spec.name, "weights_sha256": spec.weights_sha256}
