@@ -6,7 +6,6 @@ import csv
 import json
 from pathlib import Path
 
-import pytest
 
 from conftest import SHARED_DATA, needs_shared_data
 from pneumoscan.data import carve_validation, class_counts, scan_split

@@ -123,15 +123,13 @@ class Predictor:
         batch = torch.stack([self.preprocess(im) for im in images])
         return [Prediction(self.label_for(p, cut), p, cut, name) for p in self.probabilities(batch)]
 
-    def predict_bytes(self, data: bytes, *, name: str = "image", operating_point: str | None = None,
-                      threshold: float | None = None) -> Prediction:
-        """Decode an uploaded file in memory and predict it.
+    def decode(self, data: bytes, *, name: str = "image") -> Image.Image:
+        """Decode an uploaded file in memory (JPEG decodes at reduced scale where it can).
 
         Raises:
             InvalidImageError: the bytes are not a readable image.
         """
-        image = decode_image(data, name=name, draft_size=self.spec.input_size)
-        return self.predict_images([image], operating_point=operating_point, threshold=threshold)[0]
+        return decode_image(data, name=name, draft_size=self.spec.input_size)
 
     def explain(self, image: Image.Image, *, target: int = 1) -> "Explanation":
         """Grad-CAM of class ``target`` (PNEUMONIA by default) at the model's input size.

@@ -9,7 +9,6 @@ import base64
 from flask import current_app, request
 from PIL import Image
 
-from pneumoscan.data import decode_image
 from pneumoscan.errors import InvalidImageError, PneumoscanError
 from pneumoscan.explain import overlay, png_bytes
 from pneumoscan.inference import Predictor
@@ -58,24 +57,25 @@ def predict_uploads() -> list[dict[str, Any]]:
                           code="too_many_files", http_status=413)
     model = predictor()
     explain = request.values.get("explain", "").lower() in ("1", "true", "yes", "on")
-    threshold, point = model.threshold_for(request.values.get("operating_point") or None,
-                                           _float_or_none(request.values.get("threshold")))
+    operating_point = request.values.get("operating_point") or None
+    threshold = _float_or_none(request.values.get("threshold"))
+    model.threshold_for(operating_point, threshold)  # a bad choice fails the request up front
     results: list[dict[str, Any]] = []
     for upload in files:
         name = (upload.filename or "upload").replace("\\", "/").rsplit("/", 1)[-1][:255]
         try:
-            image = decode_image(upload.read(), name=name, draft_size=model.spec.input_size)
+            image = model.decode(upload.read(), name=name)
         except InvalidImageError as exc:
             results.append({"filename": name, "status": "error",
                             "error": {"code": exc.code, "message": str(exc)},
                             "http_status": exc.http_status})
             continue
-        prediction = model.predict_images([image], threshold=threshold)[0]
+        prediction = model.predict_images([image], operating_point=operating_point, threshold=threshold)[0]
         result: dict[str, Any] = {
             "filename": name, "status": "ok", "label": prediction.label,
             "probability_pneumonia": round(prediction.probability_pneumonia, 6),
             "threshold": round(prediction.threshold, 6),
-            "operating_point": point,
+            "operating_point": prediction.operating_point,
         }
         if explain:
             explanation = model.explain(image)
