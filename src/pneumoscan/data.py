@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from pneumoscan.errors import ConfigError, DatasetError, InvalidImageError
+from pneumoscan.gate import COLOURFULNESS_KEY, colourfulness
 
 CLASS_NAMES: tuple[str, str] = ("NORMAL", "PNEUMONIA")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -77,11 +78,14 @@ def decode_image(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXE
         raise InvalidImageError(f"{name}: the image has no pixels")
     try:
         if draft_size is not None and image.format == "JPEG":
-            image.draft("L", (draft_size, draft_size))
+            # keep the source's own mode: the input gate needs to know whether it was colour
+            image.draft(image.mode, (draft_size, draft_size))
         image.load()
-        return _to_grey(image)
+        grey = _to_grey(image)
     except Exception as exc:
         raise InvalidImageError(f"{name}: the image data is corrupt or truncated ({exc})") from None
+    grey.info[COLOURFULNESS_KEY] = colourfulness(image)
+    return grey
 
 
 def decode_dicom(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXELS) -> Image.Image:

@@ -11,6 +11,7 @@ from PIL import Image
 
 from pneumoscan.errors import InvalidImageError, PneumoscanError
 from pneumoscan.explain import overlay, png_bytes
+from pneumoscan.gate import image_reasons
 from pneumoscan.inference import Predictor
 
 
@@ -41,8 +42,9 @@ def _float_or_none(value: str | None) -> float | None:
 def predict_uploads() -> list[dict[str, Any]]:
     """Predict every file in the multipart field ``file``.
 
-    Each result has ``filename`` and ``status`` (``ok`` or ``error``); ``ok`` results add
-    ``label``, ``probability_pneumonia`` and ``threshold``; ``error`` results add ``error``.
+    Each result has ``filename`` and ``status``: ``ok`` results add ``label``,
+    ``probability_pneumonia``, ``threshold`` and ``operating_point``; ``rejected`` results (the
+    input gate refused the image) add machine-readable ``reasons``; ``error`` results add ``error``.
 
     Raises:
         UploadError: no ``file`` field with a file in it, or more files than MAX_FILES.
@@ -69,6 +71,10 @@ def predict_uploads() -> list[dict[str, Any]]:
             results.append({"filename": name, "status": "error",
                             "error": {"code": exc.code, "message": str(exc)},
                             "http_status": exc.http_status})
+            continue
+        reasons = image_reasons(image)
+        if reasons:
+            results.append({"filename": name, "status": "rejected", "reasons": reasons})
             continue
         prediction = model.predict_images([image], operating_point=operating_point, threshold=threshold)[0]
         result: dict[str, Any] = {
