@@ -1,8 +1,8 @@
 """Input-gate benchmark: false rejections on real X-rays, rejections of non-X-ray images.
 
-    python bench/gate.py --data ../shared/data/chest_xray
+    python bench/gate.py --data ../shared/data/chest_xray [--model BUNDLE]
 
-Runs the gate's image checks on every image of the test and train splits (they should pass)
+Runs the gate (image checks, then the bundle's feature gate if it has one) on every image of the test and train splits (they should pass)
 and on scikit-image's sample pictures (they should not). Prints one table.
 """
 
@@ -45,10 +45,22 @@ def _natural_images() -> dict[str, bytes]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--model", type=Path, help="bundle (default: the bundled model); its feature gate is used if it has one")
     args = parser.parse_args(argv)
 
     from pneumoscan.data import decode_image, load_image, scan_split
-    from pneumoscan.gate import image_reasons
+    from pneumoscan.gate import image_reasons as image_checks
+    from pneumoscan.inference import Predictor
+
+    predictor = Predictor.from_bundle(args.model)
+    print(f"feature gate: {'threshold %.3f' % predictor.gate.threshold if predictor.gate else 'none in this bundle'}")
+
+    def image_reasons(image):
+        found = image_checks(image)
+        if not found and predictor.gate is not None:
+            if predictor.is_out_of_distribution(predictor.predict_images([image])[0]):
+                found = ["out_of_distribution"]
+        return found
 
     rows = []
     for split in ("test", "train"):

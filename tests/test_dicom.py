@@ -28,7 +28,7 @@ PATIENT_ID = "PID-99871"
 
 def _gradient(bits: int = 16) -> np.ndarray:
     top = 4095 if bits == 16 else 255
-    ramp = np.linspace(0, top, 48 * 40).reshape(48, 40)
+    ramp = np.linspace(0, top, 96 * 80).reshape(96, 80)
     return ramp.astype(np.uint16 if bits == 16 else np.uint8)
 
 
@@ -81,7 +81,7 @@ def _stretch(values: np.ndarray) -> np.ndarray:
 def test_monochrome2_16bit_is_stretched_to_8bit() -> None:
     pixels = _gradient()
     image = decode_image(make_dicom(pixels))
-    assert image.mode == "L" and image.size == (40, 48)
+    assert image.mode == "L" and image.size == (80, 96)
     assert np.abs(np.asarray(image, float) - _stretch(pixels)).max() <= 1
 
 

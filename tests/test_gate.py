@@ -45,3 +45,33 @@ def test_api_rejects_a_photo_but_predicts_the_xray(client) -> None:
     page = client.post("/", data={"file": [(io.BytesIO(image_bytes(photo, "JPEG")), "holiday.jpg")]},
                        content_type="multipart/form-data").get_data(as_text=True)
     assert "does not look like a chest radiograph" in page and "colour image" in page
+
+
+def test_feature_gate_fits_on_the_bundles_split_and_refuses_strangers(tiny_bundle, xray_root, tmp_path) -> None:
+    import json
+
+    import pytest
+    from typer.testing import CliRunner
+
+    from pneumoscan.cli import app
+    from pneumoscan.errors import BundleError
+    from pneumoscan.inference import Predictor
+    from pneumoscan.models import read_spec
+
+    result = CliRunner().invoke(app, ["fit-gate", "--data", str(xray_root), "--model", str(tiny_bundle),
+                                      "--out", str(tmp_path / "gated")])
+    assert result.exit_code == 0, result.output
+    spec = read_spec(tmp_path / "gated")
+    assert spec.weights_sha256 == read_spec(tiny_bundle).weights_sha256 and spec.gate["n_train"] > 0
+    predictor = Predictor.from_bundle(tmp_path / "gated")
+    xray = predictor.predict_images([make_xray(77)])[0]
+    noise = Image.fromarray(np.random.default_rng(3).integers(0, 255, (80, 80), dtype=np.uint8))
+    stranger = predictor.predict_images([noise])[0]
+    assert stranger.ood_distance > xray.ood_distance
+    assert predictor.is_out_of_distribution(stranger)
+    # the gate file is checked like the weights
+    gate_file = tmp_path / "gated" / "gate.safetensors"
+    gate_file.write_bytes(gate_file.read_bytes()[:-8] + b"\x00" * 8)
+    with pytest.raises(BundleError, match="gate.safetensors"):
+        Predictor.from_bundle(tmp_path / "gated")
+    assert json.loads((tmp_path / "gated" / "model.json").read_text())["gate"]["quantile"] == 0.995

@@ -136,6 +136,21 @@ def calibrate(
     typer.echo(f"calibrated bundle written to {out}")
 
 
+@app.command("fit-gate")
+def fit_gate(
+    data: Annotated[Path, typer.Option(help="The Kaggle-layout root the model was trained on.")],
+    out: Annotated[Path, typer.Option(help="Where to write the bundle with its input gate.")],
+    model: ModelOption = None,
+    quantile: Annotated[float, typer.Option(help="Validation quantile of the distance used as threshold.")] = 0.995,
+) -> None:
+    """Fit the input gate (Mahalanobis distance to training features) on the bundle's own split."""
+    from pneumoscan.evaluation import fit_bundle_gate
+
+    info = fit_bundle_gate(model, data, out, quantile=quantile)
+    typer.echo(f"gate threshold {info['threshold']:.3f} ({info['quantile']:.1%} of {info['n_val']} validation "
+               f"images, statistics from {info['n_train']} training images); bundle written to {out}")
+
+
 @app.command()
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders.")],

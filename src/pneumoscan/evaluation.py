@@ -493,8 +493,8 @@ def render_report(metrics: dict, *, failed: Sequence[str] = ()) -> str:
 # Re-calibrating an existing bundle on its own validation split
 
 
-def validation_samples(bundle_dir: Path, data_root: Path) -> list:
-    """The bundle's validation images (``split.csv`` rows with role ``val``) under ``data_root``.
+def validation_samples(bundle_dir: Path, data_root: Path, *, role: str = "val") -> list:
+    """The bundle's validation (or ``role="train"``) images, from its ``split.csv``, under ``data_root``.
 
     Raises:
         BundleError: the bundle has no split.csv.
@@ -508,7 +508,7 @@ def validation_samples(bundle_dir: Path, data_root: Path) -> list:
         raise BundleError(f"{bundle_dir} has no split.csv, so its validation split is unknown")
     samples = []
     for row in csv.DictReader(split_csv.open()):
-        if row["role"] != "val":
+        if row["role"] != role:
             continue
         path = data_root / row["path"]
         if not path.is_file():
@@ -547,8 +547,58 @@ def recalibrate_bundle(bundle_dir: Path | None, data_root: Path, out_dir: Path) 
         threshold=calibration.operating_points["balanced"], threshold_source="validation_youden",
         val_metrics=val_metrics)
     written = save_bundle(predictor.model, new_spec, out_dir, half=spec.weights_dtype == "float16",
-                          extra_files={"split.csv": bundle_dir / "split.csv"})
+                          extra_files=_bundle_extras(bundle_dir))
     if written.weights_sha256 != spec.weights_sha256:  # pragma: no cover - a defect, not user error
         shutil.rmtree(out_dir, ignore_errors=True)
         raise RuntimeError("re-saving changed the weights; refusing to write a different model")
     return calibration.report
+
+
+def _bundle_extras(bundle_dir: Path) -> dict[str, Path]:
+    """The files besides weights and spec that a re-written bundle keeps."""
+    from pneumoscan.gate import GATE_FILE
+
+    return {name: bundle_dir / name for name in ("split.csv", GATE_FILE) if (bundle_dir / name).is_file()}
+
+
+def fit_bundle_gate(bundle_dir: Path | None, data_root: Path, out_dir: Path, *, quantile: float = 0.995,
+                    batch_size: int = 32) -> dict:
+    """Fit the input gate's feature statistics on the bundle's own training images, its threshold
+    at ``quantile`` of the validation images' distances; write a new bundle (weights unchanged)."""
+    import tempfile
+
+    import torch
+
+    from pneumoscan.data import load_image
+    from pneumoscan.errors import ConfigError
+    from pneumoscan.gate import GATE_FILE, FeatureGate
+    from pneumoscan.inference import Predictor
+    from pneumoscan.models import default_bundle_path, save_bundle
+    from pneumoscan.models.bundle import sha256_file
+
+    if not 0.5 < quantile < 1.0:
+        raise ConfigError(f"--quantile must be between 0.5 and 1, got {quantile}")
+    bundle_dir = Path(bundle_dir or default_bundle_path())
+    predictor = Predictor.from_bundle(bundle_dir)
+
+    def features(role: str) -> np.ndarray:
+        samples = validation_samples(bundle_dir, data_root, role=role)
+        chunks = []
+        for start in range(0, len(samples), batch_size):
+            batch = [predictor.preprocess(load_image(s.path, draft_size=predictor.spec.input_size))
+                     for s in samples[start:start + batch_size]]
+            chunks.append(predictor.forward(torch.stack(batch))[1].numpy())
+        return np.concatenate(chunks)
+
+    train_features, val_features = features("train"), features("val")
+    gate = FeatureGate.fit(train_features, val_features, quantile=quantile)
+    with tempfile.TemporaryDirectory() as tmp:
+        gate_path = Path(tmp) / GATE_FILE
+        gate.save(gate_path)
+        info = {"file": GATE_FILE, "sha256": sha256_file(gate_path), "threshold": round(gate.threshold, 6),
+                "quantile": quantile, "method": "mahalanobis, Ledoit-Wolf covariance of pooled backbone features",
+                "n_train": int(len(train_features)), "n_val": int(len(val_features))}
+        spec = predictor.spec.replace(gate=info)
+        save_bundle(predictor.model, spec, out_dir, half=spec.weights_dtype == "float16",
+                    extra_files={**_bundle_extras(bundle_dir), GATE_FILE: gate_path})
+    return info

@@ -1,10 +1,15 @@
-"""Input gate, first layer: simple image checks that refuse what cannot be a chest radiograph.
+"""The input gate: refuse what cannot be a chest radiograph before trusting a prediction.
 
-Each check returns a machine-readable reason. They run on the decoded image before any
-prediction. (A feature-space out-of-distribution score is the gate's second layer, still to come.)
+Each check returns a machine-readable reason. The image checks run on the decoded image before
+any prediction; the second layer, :class:`FeatureGate`, refuses images whose backbone features lie
+far (Mahalanobis distance) from those of the training X-rays.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -39,3 +44,47 @@ def image_reasons(image: Image.Image) -> list[str]:
     if float(np.asarray(image.convert("L"), dtype=np.float32).std()) < MIN_CONTRAST:
         reasons.append("blank_or_constant")
     return reasons
+
+
+# ---------------------------------------------------------------------------------------------
+# Second layer: Mahalanobis distance of the backbone's pooled features to the training images
+
+GATE_FILE = "gate.safetensors"
+
+
+@dataclass(frozen=True)
+class FeatureGate:
+    """Mean and (shrunk) precision of training features; images farther than ``threshold`` are refused."""
+
+    mean: np.ndarray  # (C,)
+    precision: np.ndarray  # (C, C)
+    threshold: float
+
+    def distances(self, features: np.ndarray) -> np.ndarray:
+        """Mahalanobis distance of each row of ``features`` (N x C)."""
+        centred = np.asarray(features, dtype=np.float64) - self.mean
+        return np.sqrt(np.maximum(np.einsum("nc,cd,nd->n", centred, self.precision, centred), 0.0))
+
+    @classmethod
+    def fit(cls, train_features: np.ndarray, val_features: np.ndarray, *, quantile: float = 0.995) -> "FeatureGate":
+        """Ledoit-Wolf covariance of the training features; threshold at a validation quantile."""
+        from sklearn.covariance import LedoitWolf
+
+        estimate = LedoitWolf().fit(np.asarray(train_features, dtype=np.float64))
+        gate = cls(estimate.location_, estimate.precision_, threshold=math.inf)
+        threshold = float(np.quantile(gate.distances(val_features), quantile))
+        return cls(estimate.location_, estimate.precision_, threshold=threshold)
+
+    def save(self, path: Path) -> None:
+        from safetensors.numpy import save_file
+
+        save_file({"mean": self.mean.astype(np.float32), "precision": self.precision.astype(np.float32),
+                   "threshold": np.array([self.threshold], dtype=np.float64)}, str(path))
+
+    @classmethod
+    def load(cls, path: Path) -> "FeatureGate":
+        from safetensors.numpy import load_file
+
+        tensors = load_file(str(path))
+        return cls(tensors["mean"].astype(np.float64), tensors["precision"].astype(np.float64),
+                   float(tensors["threshold"][0]))

@@ -20,6 +20,21 @@ from pneumoscan.models import BundleSpec, Classifier, default_bundle_path, load_
 
 if TYPE_CHECKING:
     from pneumoscan.explain import Explanation
+    from pneumoscan.gate import FeatureGate
+
+
+def _load_gate(directory: Path, spec: BundleSpec) -> "FeatureGate | None":
+    """The bundle's feature gate, checked against its recorded sha256 (None if it has none)."""
+    if not spec.gate:
+        return None
+    from pneumoscan.errors import BundleError
+    from pneumoscan.gate import FeatureGate
+    from pneumoscan.models.bundle import sha256_file
+
+    path = directory / spec.gate.get("file", "gate.safetensors")
+    if not path.is_file() or sha256_file(path) != spec.gate.get("sha256"):
+        raise BundleError(f"{path} is missing, corrupt or was modified; refusing to load the bundle")
+    return FeatureGate.load(path)
 
 
 @dataclass(frozen=True)
@@ -30,6 +45,7 @@ class Prediction:
     probability_pneumonia: float  # calibrated (temperature-scaled) when the bundle is
     threshold: float
     operating_point: str
+    ood_distance: float | None = None  # Mahalanobis distance to the training features, if gated
 
 
 @dataclass(frozen=True)
@@ -46,10 +62,12 @@ class PathOutcome:
 class Predictor:
     """A loaded bundle plus the exact preprocessing it was trained with."""
 
-    def __init__(self, model: Classifier, spec: BundleSpec, *, tta: bool = False) -> None:
+    def __init__(self, model: Classifier, spec: BundleSpec, *, tta: bool = False,
+                 gate: "FeatureGate | None" = None) -> None:
         self.model = model.eval()
         self.spec = spec
         self.tta = tta
+        self.gate = gate
         # One forward at a time per process: concurrent requests would oversubscribe the cores.
         self._lock = threading.Lock()
 
@@ -62,8 +80,9 @@ class Predictor:
         Raises:
             BundleError: missing, corrupt or tampered bundle.
         """
-        model, spec = load_bundle(default_bundle_path() if path is None else Path(path))
-        return cls(model, spec, tta=tta)
+        directory = default_bundle_path() if path is None else Path(path)
+        model, spec = load_bundle(directory)
+        return cls(model, spec, tta=tta, gate=_load_gate(directory, spec))
 
     @property
     def operating_points(self) -> dict[str, float]:
@@ -101,14 +120,20 @@ class Predictor:
         return square_resize(image, self.spec.input_size)
 
     @torch.inference_mode()
-    def log_odds(self, pixels: torch.Tensor) -> list[float]:
-        """uint8 ``B x 1 x S x S`` -> uncalibrated logit(P(pneumonia)) per image."""
+    def forward(self, pixels: torch.Tensor) -> tuple[list[float], torch.Tensor]:
+        """uint8 ``B x 1 x S x S`` -> (uncalibrated logit(P(pneumonia)) per image, pooled features)."""
         x = normalize(pixels, self.spec.mean, self.spec.std)
         with self._lock:
-            logits = self.model(x)
+            feature_map = self.model.features(x)
+            logits = self.model.head(feature_map)
             if self.tta:
                 logits = (logits + self.model(x.flip(-1))) / 2
-        return (logits[:, 1] - logits[:, 0]).tolist()
+        pooled = feature_map.mean(dim=(2, 3)) if feature_map.ndim == 4 else feature_map
+        return (logits[:, 1] - logits[:, 0]).tolist(), pooled
+
+    def log_odds(self, pixels: torch.Tensor) -> list[float]:
+        """uint8 ``B x 1 x S x S`` -> uncalibrated logit(P(pneumonia)) per image."""
+        return self.forward(pixels)[0]
 
     def probabilities(self, pixels: torch.Tensor) -> list[float]:
         """uint8 ``B x 1 x S x S`` -> calibrated P(pneumonia) per image."""
@@ -120,8 +145,15 @@ class Predictor:
         cut, name = self.threshold_for(operating_point, threshold)
         if not images:
             return []
-        batch = torch.stack([self.preprocess(im) for im in images])
-        return [Prediction(self.label_for(p, cut), p, cut, name) for p in self.probabilities(batch)]
+        log_odds, features = self.forward(torch.stack([self.preprocess(im) for im in images]))
+        distances = self.gate.distances(features.numpy()) if self.gate is not None else [None] * len(images)
+        return [Prediction(self.label_for(p, cut), p, cut, name, None if d is None else float(d))
+                for p, d in zip((self.calibrate(z) for z in log_odds), distances)]
+
+    def is_out_of_distribution(self, prediction: Prediction) -> bool:
+        """True when the bundle has a feature gate and the image lies beyond its threshold."""
+        return (self.gate is not None and prediction.ood_distance is not None
+                and prediction.ood_distance > self.gate.threshold)
 
     def decode(self, data: bytes, *, name: str = "image") -> Image.Image:
         """Decode an uploaded file in memory (JPEG decodes at reduced scale where it can).

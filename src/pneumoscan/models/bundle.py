@@ -50,6 +50,8 @@ class BundleSpec:
     calibration: str = "none"
     operating_points: dict[str, float] = field(default_factory=dict)  # name -> threshold
     default_operating_point: str = "balanced"
+    # Input gate's feature statistics (gate.safetensors): {"file", "sha256", "threshold", ...}.
+    gate: dict[str, Any] = field(default_factory=dict)
     cam_layer: str = ""
     name: str = "pneumoscan-model"
     weights_sha256: str = ""

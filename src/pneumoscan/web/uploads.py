@@ -77,6 +77,10 @@ def predict_uploads() -> list[dict[str, Any]]:
             results.append({"filename": name, "status": "rejected", "reasons": reasons})
             continue
         prediction = model.predict_images([image], operating_point=operating_point, threshold=threshold)[0]
+        if model.is_out_of_distribution(prediction):
+            results.append({"filename": name, "status": "rejected", "reasons": ["out_of_distribution"],
+                            "ood_distance": round(prediction.ood_distance, 3)})
+            continue
         result: dict[str, Any] = {
             "filename": name, "status": "ok", "label": prediction.label,
             "probability_pneumonia": round(prediction.probability_pneumonia, 6),
