@@ -371,7 +371,7 @@ def evaluate_folder(model_dir: Path | None, data_root: Path, split: str, out_dir
 
     predictor = Predictor.from_bundle(model_dir, tta=tta)
     if split == "validation":  # the bundle's own validation split (what it was tuned on)
-        samples = validation_samples(Path(model_dir or default_bundle_path()), data_root)
+        samples = split_samples(Path(model_dir or default_bundle_path()), data_root)
     else:
         samples = scan_split(data_root, split)
     spec = predictor.spec
@@ -493,7 +493,7 @@ def render_report(metrics: dict, *, failed: Sequence[str] = ()) -> str:
 # Re-calibrating an existing bundle on its own validation split
 
 
-def validation_samples(bundle_dir: Path, data_root: Path, *, role: str = "val") -> list:
+def split_samples(bundle_dir: Path, data_root: Path, *, role: str = "val") -> list:
     """The bundle's validation (or ``role="train"``) images, from its ``split.csv``, under ``data_root``.
 
     Raises:
@@ -523,14 +523,12 @@ def recalibrate_bundle(bundle_dir: Path | None, data_root: Path, out_dir: Path) 
 
     The weights are copied unchanged (same sha256); only ``model.json`` gains the calibration.
     """
-    import shutil
-
     from pneumoscan.inference import Predictor
-    from pneumoscan.models import default_bundle_path, save_bundle
+    from pneumoscan.models import default_bundle_path, rewrite_bundle
 
     bundle_dir = bundle_dir or default_bundle_path()
     predictor = Predictor.from_bundle(bundle_dir)
-    samples = validation_samples(bundle_dir, data_root)
+    samples = split_samples(bundle_dir, data_root)
     outcomes = predictor.predict_paths([s.path for s in samples])
     bad = [o for o in outcomes if o.error]
     if bad:
@@ -546,11 +544,7 @@ def recalibrate_bundle(bundle_dir: Path | None, data_root: Path, out_dir: Path) 
         operating_points=calibration.operating_points, default_operating_point="balanced",
         threshold=calibration.operating_points["balanced"], threshold_source="validation_youden",
         val_metrics=val_metrics)
-    written = save_bundle(predictor.model, new_spec, out_dir, half=spec.weights_dtype == "float16",
-                          extra_files=_bundle_extras(bundle_dir))
-    if written.weights_sha256 != spec.weights_sha256:  # pragma: no cover - a defect, not user error
-        shutil.rmtree(out_dir, ignore_errors=True)
-        raise RuntimeError("re-saving changed the weights; refusing to write a different model")
+    rewrite_bundle(bundle_dir, new_spec, out_dir, extra_files=_bundle_extras(bundle_dir))
     return calibration.report
 
 
@@ -573,7 +567,7 @@ def fit_bundle_gate(bundle_dir: Path | None, data_root: Path, out_dir: Path, *, 
     from pneumoscan.errors import ConfigError
     from pneumoscan.gate import GATE_FILE, FeatureGate
     from pneumoscan.inference import Predictor
-    from pneumoscan.models import default_bundle_path, save_bundle
+    from pneumoscan.models import default_bundle_path, rewrite_bundle
     from pneumoscan.models.bundle import sha256_file
 
     if not 0.5 < quantile < 1.0:
@@ -582,7 +576,7 @@ def fit_bundle_gate(bundle_dir: Path | None, data_root: Path, out_dir: Path, *, 
     predictor = Predictor.from_bundle(bundle_dir)
 
     def features(role: str) -> np.ndarray:
-        samples = validation_samples(bundle_dir, data_root, role=role)
+        samples = split_samples(bundle_dir, data_root, role=role)
         chunks = []
         for start in range(0, len(samples), batch_size):
             batch = [predictor.preprocess(load_image(s.path, draft_size=predictor.spec.input_size))
@@ -599,6 +593,5 @@ def fit_bundle_gate(bundle_dir: Path | None, data_root: Path, out_dir: Path, *, 
                 "quantile": quantile, "method": "mahalanobis, Ledoit-Wolf covariance of pooled backbone features",
                 "n_train": int(len(train_features)), "n_val": int(len(val_features))}
         spec = predictor.spec.replace(gate=info)
-        save_bundle(predictor.model, spec, out_dir, half=spec.weights_dtype == "float16",
-                    extra_files={**_bundle_extras(bundle_dir), GATE_FILE: gate_path})
+        rewrite_bundle(bundle_dir, spec, out_dir, extra_files={**_bundle_extras(bundle_dir), GATE_FILE: gate_path})
     return info

@@ -6,6 +6,7 @@ from pneumoscan.models.bundle import (
     default_bundle_path,
     load_bundle,
     read_spec,
+    rewrite_bundle,
     save_bundle,
     verify_bundle,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "list_backbones",
     "load_bundle",
     "read_spec",
+    "rewrite_bundle",
     "register_backbone",
     "save_bundle",
     "verify_bundle",

@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -121,17 +121,29 @@ def save_bundle(model: nn.Module, spec: BundleSpec, directory: str | Path, *, ha
     """
     from safetensors.torch import save_file
 
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     dtype = torch.float16 if half else torch.float32
     state = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
              for k, v in model.state_dict().items()}
+    return _write_bundle(Path(directory), spec.replace(weights_dtype=str(dtype).removeprefix("torch.")),
+                         lambda path: save_file(state, str(path)), extra_files)
+
+
+def rewrite_bundle(source: str | Path, spec: BundleSpec, directory: str | Path, *,
+                   extra_files: dict[str, Path] | None = None) -> BundleSpec:
+    """Write ``spec`` as a new bundle that keeps ``source``'s weights file byte for byte."""
+    weights = Path(source) / WEIGHTS_FILE
+    return _write_bundle(Path(directory), spec, lambda path: shutil.copyfile(weights, path), extra_files)
+
+
+def _write_bundle(directory: Path, spec: BundleSpec, write_weights: Callable[[Path], object],
+                  extra_files: dict[str, Path] | None) -> BundleSpec:
+    """Fill a temporary sibling directory, then rename it into place (replacing any old bundle)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared and served
     try:
-        save_file(state, str(tmp / WEIGHTS_FILE))
-        spec = spec.replace(weights_sha256=sha256_file(tmp / WEIGHTS_FILE),
-                            weights_dtype=str(dtype).removeprefix("torch."))
+        write_weights(tmp / WEIGHTS_FILE)
+        spec = spec.replace(weights_sha256=sha256_file(tmp / WEIGHTS_FILE))
         (tmp / SPEC_FILE).write_text(spec.to_json())
         for name, source in (extra_files or {}).items():
             shutil.copyfile(source, tmp / name)
@@ -187,6 +199,10 @@ def verify_bundle(directory: str | Path) -> BundleSpec:
             f"{SPEC_FILE} records {spec.weights_sha256[:16] or 'nothing'}.... Refusing to load it; "
             "re-export or re-download the bundle."
         )
+    if spec.gate:  # the input gate's statistics are checked like the weights
+        gate_path = directory / spec.gate.get("file", "gate.safetensors")
+        if not gate_path.is_file() or sha256_file(gate_path) != spec.gate.get("sha256"):
+            raise BundleError(f"{gate_path} is missing, corrupt or was modified; refusing to load the bundle")
     return spec
 
 
