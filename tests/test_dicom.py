@@ -139,3 +139,32 @@ def test_patient_identifiers_never_leak(client, caplog: pytest.LogCaptureFixture
                        content_type="multipart/form-data").get_data(as_text=True)
     for text in (body, page, caplog.text):
         assert "Doe" not in text and "Jane" not in text and PATIENT_ID not in text
+
+
+@pytest.mark.parametrize(("extra", "reason"), [
+    ({"Modality": "CT"}, "dicom_modality_not_radiograph"),
+    ({"Modality": "OT"}, "dicom_modality_not_radiograph"),
+    ({"ViewPosition": "LL"}, "lateral_view"),
+    ({"Modality": "DX", "ViewPosition": "LATERAL"}, "lateral_view"),
+])
+def test_gate_refuses_non_radiograph_modalities_and_lateral_views(extra: dict, reason: str) -> None:
+    from pneumoscan.gate import image_reasons
+
+    assert reason in image_reasons(decode_image(make_dicom(_gradient(), extra=extra), name="scan.dcm"))
+
+
+def test_gate_accepts_frontal_cr_and_dx() -> None:
+    from pneumoscan.gate import image_reasons
+
+    for extra in ({"Modality": "CR", "ViewPosition": "AP"}, {"Modality": "DX", "ViewPosition": "PA"}):
+        assert image_reasons(decode_image(make_dicom(_gradient(), extra=extra), name="scan.dcm")) == []
+
+
+def test_api_reports_a_lateral_dicom_as_rejected(client) -> None:
+    lateral = make_dicom(_gradient(), extra={"ViewPosition": "LL"})
+    response = client.post("/api/v1/predict", data={"file": [(io.BytesIO(lateral), "lat.dcm")]},
+                           content_type="multipart/form-data")
+    assert response.status_code == 200
+    result = response.get_json()["results"][0]
+    assert result["status"] == "rejected" and result["reasons"] == ["lateral_view"]
+    assert "Doe" not in response.get_data(as_text=True)

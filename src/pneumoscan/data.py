@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from pneumoscan.errors import ConfigError, DatasetError, InvalidImageError
-from pneumoscan.gate import COLOURFULNESS_KEY, colourfulness
+from pneumoscan.gate import COLOURFULNESS_KEY, DICOM_MODALITY_KEY, DICOM_VIEW_KEY, colourfulness
 
 CLASS_NAMES: tuple[str, str] = ("NORMAL", "PNEUMONIA")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -128,7 +128,11 @@ def decode_dicom(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXE
         values = values.max() + values.min() - values
     low, high = float(values.min()), float(values.max())
     scale = 255.0 / (high - low) if high > low else 0.0
-    return Image.fromarray(((values - low) * scale).round().astype(np.uint8))
+    image = Image.fromarray(((values - low) * scale).round().astype(np.uint8))
+    # Only these two acquisition tags travel on, for the input gate; no other tag leaves here.
+    image.info[DICOM_MODALITY_KEY] = str(dataset.get("Modality", "") or "").strip().upper()
+    image.info[DICOM_VIEW_KEY] = str(dataset.get("ViewPosition", "") or "").strip().upper()
+    return image
 
 
 def _to_grey(image: Image.Image) -> Image.Image:

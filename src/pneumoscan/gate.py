@@ -16,6 +16,12 @@ from PIL import Image
 
 #: ``Image.info`` key where :func:`pneumoscan.data.decode_image` records the source's colourfulness.
 COLOURFULNESS_KEY = "pneumoscan_colourfulness"
+#: ``Image.info`` keys where :func:`pneumoscan.data.decode_dicom` records Modality and ViewPosition.
+DICOM_MODALITY_KEY = "pneumoscan_dicom_modality"
+DICOM_VIEW_KEY = "pneumoscan_dicom_view_position"
+
+RADIOGRAPH_MODALITIES = frozenset({"CR", "DX"})  # computed and digital radiography
+LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"})  # DICOM ViewPosition codes
 
 MIN_SIDE = 64  # pixels: smaller images carry too little detail to read
 MAX_ASPECT = 2.5  # long side / short side; chest films are close to square
@@ -43,6 +49,10 @@ def image_reasons(image: Image.Image) -> list[str]:
         reasons.append("colour_image")
     if float(np.asarray(image.convert("L"), dtype=np.float32).std()) < MIN_CONTRAST:
         reasons.append("blank_or_constant")
+    if DICOM_MODALITY_KEY in image.info and image.info[DICOM_MODALITY_KEY] not in RADIOGRAPH_MODALITIES:
+        reasons.append("dicom_modality_not_radiograph")  # CT, MR, US, a secondary capture...
+    if image.info.get(DICOM_VIEW_KEY, "") in LATERAL_VIEWS:
+        reasons.append("lateral_view")  # the model saw frontal (AP) films only
     return reasons
 
 
