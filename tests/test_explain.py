@@ -74,5 +74,7 @@ def test_api_explain_returns_a_png(client) -> None:
 def test_upload_page_shows_the_heatmap(client) -> None:
     data = {"file": [(io.BytesIO(image_bytes(make_xray(4))), "y.png")], "explain": "true"}
     page = client.post("/", data=data, content_type="multipart/form-data").get_data(as_text=True)
-    assert 'class="gradcam" src="data:image/png;base64,' in page
-    assert "of the heatmap" in page
+    # The X-ray and the heatmap come as separate layers, so the page can toggle and fade the heatmap.
+    assert 'class="xray" src="data:image/png;base64,' in page
+    assert 'class="heatmap" src="data:image/png;base64,' in page
+    assert 'class="cam-opacity"' in page and "of the heatmap" in page

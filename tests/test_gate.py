@@ -40,11 +40,12 @@ def test_api_rejects_a_photo_but_predicts_the_xray(client) -> None:
     response = client.post("/api/v1/predict", data={"file": files}, content_type="multipart/form-data")
     assert response.status_code == 200
     rejected, ok = response.get_json()["results"]
-    assert rejected == {"filename": "holiday.jpg", "status": "rejected", "reasons": ["colour_image"]}
+    assert rejected["status"] == "rejected" and rejected["reasons"] == ["colour_image"]
+    assert set(rejected) == {"filename", "status", "reasons", "image_sha256"}
     assert ok["status"] == "ok"
     page = client.post("/", data={"file": [(io.BytesIO(image_bytes(photo, "JPEG")), "holiday.jpg")]},
                        content_type="multipart/form-data").get_data(as_text=True)
-    assert "does not look like a chest radiograph" in page and "colour image" in page
+    assert "does not look like a frontal chest radiograph" in page and 'data-reason="colour_image"' in page
 
 
 def test_feature_gate_fits_on_the_bundles_split_and_refuses_strangers(tiny_bundle, xray_root, tmp_path) -> None:

@@ -16,8 +16,15 @@ def _upload(*files: tuple[bytes, str]) -> dict:
 
 def test_healthz_and_model(client) -> None:
     assert client.get("/healthz").status_code == 200
-    info = client.get("/api/v1/model").get_json()
-    assert info["backbone"] == "efficientnet_lite0" and len(info["weights_sha256"]) == 64
+    card = client.get("/api/v1/model").get_json()
+    assert card["architecture"]["backbone"] == "efficientnet_lite0" and len(card["weights_sha256"]) == 64
+    assert "Not for clinical use" in card["intended_use"]
+    assert card["training_data"]["n_train"] == sum(card["training_data"]["n_train_by_class"].values())
+    assert set(card["decision"]["operating_points"]) == {"balanced", "high_sensitivity", "high_specificity"}
+    validation = card["metrics"]["validation_at_training"]
+    assert validation["n"] == card["training_data"]["n_validation"]
+    assert set(validation["operating_points"]) == set(card["decision"]["operating_points"])
+    assert card["calibration"]["method"] == "temperature_scaling_on_validation"
 
 
 def test_index_page_has_form_and_notice(client) -> None:
@@ -101,8 +108,10 @@ def test_factory_refuses_a_broken_bundle(tmp_path: Path) -> None:
         create_app({"TESTING": True, "MODEL_DIR": str(tmp_path)})
 
 
-def test_pneumoscan_serve_runs_gunicorn_and_answers(tiny_bundle: Path, xray_root: Path) -> None:
-    """The real server: gunicorn workers fork after the master checked the bundle, then predict."""
+def test_pneumoscan_serve_runs_gunicorn_and_answers(tiny_bundle: Path, xray_root: Path, tmp_path: Path) -> None:
+    """The real server: gunicorn workers fork after the master checked the bundle, then predict;
+    /metrics adds up both workers, and the audit log gets the prediction."""
+    import json
     import os
     import signal
     import socket
@@ -114,10 +123,12 @@ def test_pneumoscan_serve_runs_gunicorn_and_answers(tiny_bundle: Path, xray_root
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    audit_log = tmp_path / "audit" / "audit.jsonl"
     server = subprocess.Popen(
         [sys.executable, "-m", "pneumoscan", "serve", "--model", str(tiny_bundle), "--port", str(port),
-         "--threads", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
+         "--workers", "2", "--threads", "2", "--audit-log", str(audit_log)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_DIR"})
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -135,10 +146,14 @@ def test_pneumoscan_serve_runs_gunicorn_and_answers(tiny_bundle: Path, xray_root
         request = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/predict", data=body, method="POST",
                                          headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
         with urllib.request.urlopen(request, timeout=60) as r:
-            import json
-
             result = json.loads(r.read())["results"][0]
         assert result["status"] == "ok" and result["filename"] == image.name
+        for _ in range(4):  # whichever worker answers, it reports both workers' counts
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                metrics = r.read().decode()
+            assert f'pneumoscan_predictions_total{{label="{result["label"]}",operating_point="balanced"}} 1.0' in metrics
+        (line,) = audit_log.read_text().splitlines()
+        assert json.loads(line)["image_sha256"] == result["image_sha256"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         output = server.communicate(timeout=30)[0]

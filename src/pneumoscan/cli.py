@@ -101,9 +101,11 @@ def evaluate(
     seed: int = 0,
     operating_point: OperatingPointOption = None,
     tta: TtaOption = False,
+    record: Annotated[bool, typer.Option(
+        "--record", help="Also store the figures in the bundle's model.json (shown on its model card).")] = False,
 ) -> None:
     """Evaluate a bundle on a split: metrics.json with 95% CIs, predictions.csv, plots, report.md."""
-    from pneumoscan.evaluation import METRIC_NAMES, evaluate_folder
+    from pneumoscan.evaluation import METRIC_NAMES, evaluate_folder, record_evaluation
 
     if bootstrap < 100:
         _fail(f"--bootstrap must be at least 100, got {bootstrap}")
@@ -116,6 +118,9 @@ def evaluate(
         if m["value"] is not None:
             typer.echo(f"  {name:<12} {m['value']:.4f}  (95% CI {m['ci_low']:.4f}-{m['ci_high']:.4f})")
     typer.echo(f"report written to {out}/report.md")
+    if record:
+        record_evaluation(model, metrics)
+        typer.echo(f"figures recorded in the bundle's model.json under reported_metrics.{split}")
 
 
 @app.command()
@@ -233,16 +238,27 @@ def explain(
 
 @app.command()
 def serve(
-    model: ModelOption = None,
+    model: Annotated[Optional[Path], typer.Option(
+        "--model", envvar="PNEUMOSCAN_MODEL_DIR", help="Model bundle directory (default: the bundled model).")] = None,
     host: Annotated[str, typer.Option(envvar="PNEUMOSCAN_HOST")] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar="PNEUMOSCAN_PORT")] = 8000,
     workers: Annotated[int, typer.Option(envvar="PNEUMOSCAN_WORKERS", help="gunicorn worker processes.")] = 1,
     threads: Annotated[int, typer.Option(envvar="PNEUMOSCAN_THREADS", help="Threads per worker.")] = 4,
+    timeout: Annotated[int, typer.Option(envvar="PNEUMOSCAN_TIMEOUT", help="Seconds before a stuck worker is restarted.")] = 120,
+    max_upload_mb: Annotated[Optional[int], typer.Option(
+        help="Largest request body in MB (default 20; env PNEUMOSCAN_MAX_CONTENT_LENGTH in bytes).")] = None,
+    max_files: Annotated[Optional[int], typer.Option(
+        help="Most files per request (default 32; env PNEUMOSCAN_MAX_FILES).")] = None,
+    audit_log: Annotated[Optional[Path], typer.Option(
+        help="Append a JSON-lines audit record per image to this file (off by default; env PNEUMOSCAN_AUDIT_LOG).")] = None,
 ) -> None:
     """Serve the web app and JSON API with gunicorn (never the Flask debug server)."""
     from pneumoscan.web.server import run_gunicorn
 
-    run_gunicorn(model_dir=model, host=host, port=port, workers=workers, threads=threads)
+    settings = {"MAX_CONTENT_LENGTH": max_upload_mb * 1024 * 1024 if max_upload_mb is not None else None,
+                "MAX_FILES": max_files, "AUDIT_LOG": str(audit_log) if audit_log else None}
+    run_gunicorn(model_dir=model, host=host, port=port, workers=workers, threads=threads, timeout=timeout,
+                 settings={key: value for key, value in settings.items() if value is not None})
 
 
 @app.command()

@@ -10,6 +10,7 @@ import csv
 import json
 import math
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
@@ -546,6 +547,30 @@ def recalibrate_bundle(bundle_dir: Path | None, data_root: Path, out_dir: Path) 
         val_metrics=val_metrics)
     rewrite_bundle(bundle_dir, new_spec, out_dir, extra_files=_bundle_extras(bundle_dir))
     return calibration.report
+
+
+def record_evaluation(bundle_dir: Path | None, metrics: dict) -> None:
+    """Store an evaluation's figures (with CIs, per operating point) in the bundle's ``model.json``
+    under ``reported_metrics[split]``, where the model card shows them. Weights are untouched.
+
+    Raises:
+        BundleError: the metrics were computed with other weights than the bundle holds.
+    """
+    from pneumoscan.errors import BundleError
+    from pneumoscan.models import default_bundle_path, read_spec, rewrite_bundle
+
+    bundle_dir = bundle_dir or default_bundle_path()
+    spec = read_spec(bundle_dir)
+    if metrics["model"]["weights_sha256"] != spec.weights_sha256:
+        raise BundleError(f"these metrics belong to other weights than those in {bundle_dir}")
+    keep = ("n", "n_by_class", "n_unreadable", "operating_point", "tta", "ci", "calibration")
+    entry = {key: metrics[key] for key in keep if key in metrics}
+    entry["operating_points"] = metrics["operating_points"]
+    entry["dataset"] = Path(str(metrics["data"])).name
+    entry["evaluated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    reported = {**spec.reported_metrics, metrics["split"]: entry}
+    rewrite_bundle(bundle_dir, spec.replace(reported_metrics=reported), bundle_dir,
+                   extra_files=_bundle_extras(bundle_dir))
 
 
 def _bundle_extras(bundle_dir: Path) -> dict[str, Path]:

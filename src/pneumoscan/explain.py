@@ -67,6 +67,15 @@ def overlay(image: Image.Image, cam: np.ndarray, *, opacity: float = 0.4) -> Ima
     return Image.fromarray(show_cam_on_image(rgb, resized, use_rgb=True, image_weight=1.0 - opacity))
 
 
+def heatmap(cam: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """The heatmap alone in jet colours (the same colours as :func:`overlay`), for layering in a page."""
+    import cv2
+
+    resized = Image.fromarray((np.clip(cam, 0, 1) * 255).astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
+    bgr = cv2.applyColorMap(np.asarray(resized), cv2.COLORMAP_JET)
+    return Image.fromarray(bgr[..., ::-1].copy())
+
+
 def png_bytes(image: Image.Image) -> bytes:
     """Encode a PIL image as PNG."""
     buffer = io.BytesIO()

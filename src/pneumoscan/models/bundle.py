@@ -57,6 +57,8 @@ class BundleSpec:
     weights_sha256: str = ""
     weights_dtype: str = "float32"
     val_metrics: dict[str, Any] = field(default_factory=dict)
+    # Figures with 95% CIs per operating point, by split, from ``pneumoscan evaluate --record``.
+    reported_metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     split_manifest_sha256: str = ""
     versions: dict[str, str] = field(default_factory=dict)

@@ -17,12 +17,9 @@ from werkzeug.exceptions import HTTPException
 
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.inference import Predictor
-
-DEFAULTS: dict[str, Any] = {
-    "MODEL_DIR": None,  # None: the bundled default model
-    "MAX_CONTENT_LENGTH": 20 * 1024 * 1024,  # bytes per request
-    "MAX_FILES": 32,  # files per request
-}
+from pneumoscan.web.audit import AuditLog
+from pneumoscan.web.config import load_config
+from pneumoscan.web.metrics import install_metrics
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
@@ -32,18 +29,18 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     Raises:
         BundleError: the configured bundle cannot be loaded.
+        ConfigError: a setting is invalid, or the audit log cannot be opened.
     """
     app = Flask(__name__)
-    app.config.from_mapping(DEFAULTS)
-    app.config.from_prefixed_env("PNEUMOSCAN")
-    if test_config is not None:
-        app.config.update(test_config)
+    app.config.update(load_config(test_config))
     if not app.config.get("SECRET_KEY"):
         app.config["SECRET_KEY"] = secrets.token_hex(32)
     predictor = Predictor.from_bundle(app.config["MODEL_DIR"])  # checks the sha256
     # One warm-up inference before /readyz says yes: the first real request pays no start-up cost.
     predictor.predict_images([Image.new("L", (predictor.spec.input_size,) * 2)])
     app.extensions["pneumoscan"] = predictor
+    app.extensions["pneumoscan_audit"] = AuditLog(app.config["AUDIT_LOG"]) if app.config["AUDIT_LOG"] else None
+    app.extensions["pneumoscan_metrics"] = install_metrics(app)
     app.extensions["pneumoscan_ready"] = True
 
     from pneumoscan.web import api, views

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, current_app, jsonify
 
+from pneumoscan.card import model_card
+from pneumoscan.web.openapi import openapi_spec
 from pneumoscan.web.uploads import predict_uploads, predictor
 
 bp = Blueprint("api", __name__)
@@ -30,9 +32,13 @@ def predict():
 
 @bp.get("/model")
 def model_info():
-    """The loaded model's name, backbone, threshold and validation metrics."""
-    spec = predictor().spec
-    return jsonify({"name": spec.name, "backbone": spec.backbone, "input_size": spec.input_size,
-                    "class_names": list(spec.class_names), "threshold": spec.threshold,
-                    "threshold_source": spec.threshold_source, "weights_sha256": spec.weights_sha256,
-                    "val_metrics": spec.val_metrics, "created": spec.created})
+    """The loaded model's card: identity, data, intended use, metrics with CIs, calibration."""
+    return jsonify(model_card(predictor().spec))
+
+
+@bp.get("/openapi.json")
+def openapi():
+    """The OpenAPI 3.0 description of this API (with this app's limits and operating points)."""
+    return jsonify(openapi_spec(operating_points=list(predictor().operating_points),
+                                max_files=current_app.config["MAX_FILES"],
+                                max_bytes=current_app.config["MAX_CONTENT_LENGTH"]))

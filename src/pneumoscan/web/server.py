@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +29,50 @@ class _Gunicorn(BaseApplication):
         return create_app()
 
 
-def run_gunicorn(*, model_dir: Path | None, host: str, port: int, workers: int, threads: int) -> None:
-    """Check the bundle, then serve ``create_app()`` with gunicorn on ``host:port``.
+def _worker_exit(server, worker) -> None:
+    """A dead worker's gauges leave the multi-process metrics."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def run_gunicorn(*, model_dir: Path | None, host: str, port: int, workers: int, threads: int,
+                 timeout: int = 120, settings: dict[str, Any] | None = None) -> None:
+    """Check the bundle and settings, then serve ``create_app()`` with gunicorn on ``host:port``.
+
+    ``settings`` (app config keys such as MAX_FILES) are passed to the workers as
+    ``PNEUMOSCAN_*`` environment variables.
 
     Raises:
         BundleError: the bundle cannot be loaded (checked before any worker starts).
+        ConfigError: a setting is invalid.
     """
+    from pneumoscan.errors import ConfigError
+    from pneumoscan.web.audit import AuditLog
+    from pneumoscan.web.config import load_config
+
+    for name, value in (("--workers", workers), ("--threads", threads), ("--timeout", timeout)):
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
     bundle = model_dir or default_bundle_path()
     # Fail here, with a clear message, rather than inside every worker. No torch computation in
     # the master: OpenMP threads started before gunicorn forks would deadlock the workers.
     verify_bundle(bundle)
     os.environ["PNEUMOSCAN_MODEL_DIR"] = str(bundle)
-    _Gunicorn({
+    for key, value in (settings or {}).items():
+        os.environ[f"PNEUMOSCAN_{key}"] = str(value)
+    config = load_config()
+    if config["AUDIT_LOG"]:
+        AuditLog(config["AUDIT_LOG"])  # an unwritable path fails now, not in every worker
+    options: dict[str, Any] = {
         "bind": f"{host}:{port}", "workers": workers, "threads": threads,
-        "worker_class": "gthread", "timeout": 120, "accesslog": "-",
+        "worker_class": "gthread", "timeout": timeout, "accesslog": "-",
         "preload_app": False,
-    }).run()
+    }
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # /metrics must add up every worker, whichever one answers the scrape.
+        metrics_dir = tempfile.mkdtemp(prefix="pneumoscan-metrics-")
+        atexit.register(shutil.rmtree, metrics_dir, True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        options["child_exit"] = _worker_exit
+    _Gunicorn(options).run()

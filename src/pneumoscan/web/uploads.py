@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from typing import Any
 
-import base64
-
-from flask import current_app, request
+from flask import current_app, g, request
 from PIL import Image
 
 from pneumoscan.errors import InvalidImageError, PneumoscanError
-from pneumoscan.explain import overlay, png_bytes
+from pneumoscan.explain import heatmap, overlay, png_bytes
 from pneumoscan.gate import image_reasons
 from pneumoscan.inference import Predictor
 
@@ -39,12 +39,19 @@ def _float_or_none(value: str | None) -> float | None:
                           code="invalid_threshold", http_status=422) from None
 
 
-def predict_uploads() -> list[dict[str, Any]]:
+def _png_base64(image: Image.Image) -> str:
+    return base64.b64encode(png_bytes(image)).decode()
+
+
+def predict_uploads(*, layers: bool = False) -> list[dict[str, Any]]:
     """Predict every file in the multipart field ``file``.
 
     Each result has ``filename`` and ``status``: ``ok`` results add ``label``,
     ``probability_pneumonia``, ``threshold`` and ``operating_point``; ``rejected`` results (the
     input gate refused the image) add machine-readable ``reasons``; ``error`` results add ``error``.
+    With ``explain``, ``ok`` results add the Grad-CAM overlay; with ``layers`` (for the web page)
+    they add the square X-ray and the heatmap as separate PNGs instead, so the page can toggle and
+    fade the heatmap.
 
     Raises:
         UploadError: no ``file`` field with a file in it, or more files than MAX_FILES.
@@ -65,24 +72,27 @@ def predict_uploads() -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     for upload in files:
         name = (upload.filename or "upload").replace("\\", "/").rsplit("/", 1)[-1][:255]
+        data = upload.read()
+        digest = hashlib.sha256(data).hexdigest()
         try:
-            image = model.decode(upload.read(), name=name)
+            image = model.decode(data, name=name)
         except InvalidImageError as exc:
-            results.append({"filename": name, "status": "error",
+            results.append({"filename": name, "status": "error", "image_sha256": digest,
                             "error": {"code": exc.code, "message": str(exc)},
                             "http_status": exc.http_status})
             continue
         reasons = image_reasons(image)
         if reasons:
-            results.append({"filename": name, "status": "rejected", "reasons": reasons})
+            results.append({"filename": name, "status": "rejected", "image_sha256": digest, "reasons": reasons})
             continue
         prediction = model.predict_images([image], operating_point=operating_point, threshold=threshold)[0]
         if model.is_out_of_distribution(prediction):
-            results.append({"filename": name, "status": "rejected", "reasons": ["out_of_distribution"],
+            results.append({"filename": name, "status": "rejected", "image_sha256": digest,
+                            "reasons": ["out_of_distribution"],
                             "ood_distance": round(prediction.ood_distance, 3)})
             continue
         result: dict[str, Any] = {
-            "filename": name, "status": "ok", "label": prediction.label,
+            "filename": name, "status": "ok", "image_sha256": digest, "label": prediction.label,
             "probability_pneumonia": round(prediction.probability_pneumonia, 6),
             "threshold": round(prediction.threshold, 6),
             "operating_point": prediction.operating_point,
@@ -90,8 +100,23 @@ def predict_uploads() -> list[dict[str, Any]]:
         if explain:
             explanation = model.explain(image)
             square = image.resize((model.spec.input_size,) * 2, Image.Resampling.BILINEAR)
-            result["gradcam_png"] = base64.b64encode(png_bytes(overlay(square, explanation.cam))).decode()
+            if layers:
+                result["xray_png"] = _png_base64(square)
+                result["heatmap_png"] = _png_base64(heatmap(explanation.cam, square.size))
+            else:
+                result["gradcam_png"] = _png_base64(overlay(square, explanation.cam))
             result["gradcam_central_share"] = round(explanation.central_share, 4)
             result["gradcam_shortcut_warning"] = explanation.shortcut_warning
         results.append(result)
+    _account(results)
     return results
+
+
+def _account(results: list[dict[str, Any]]) -> None:
+    """Count the outcomes for /metrics and append them to the audit log when one is configured."""
+    current_app.extensions["pneumoscan_metrics"].count_results(results)
+    audit = current_app.extensions.get("pneumoscan_audit")
+    if audit is not None:
+        spec = predictor().spec
+        audit.record(request_id=g.request_id, results=results,
+                     model={"name": spec.name, "weights_sha256": spec.weights_sha256})

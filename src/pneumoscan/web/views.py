@@ -1,28 +1,43 @@
-"""Server-rendered pages: the upload page and its results, and the health check."""
+"""Server-rendered pages: the upload page and its results, the model card, and health checks."""
 
 from __future__ import annotations
 
 from flask import Blueprint, current_app, render_template
 
+from pneumoscan.card import model_card
 from pneumoscan.web.uploads import UploadError, predict_uploads, predictor
 
 bp = Blueprint("views", __name__)
+
+#: Metric columns of the model card page, in order.
+CARD_METRICS = ("accuracy", "roc_auc", "sensitivity", "specificity", "f1_weighted", "ppv", "npv")
+
+
+def _page(results=None, error=None):
+    model = predictor()
+    return render_template("index.html", spec=model.spec, operating_points=model.operating_points,
+                           results=results, error=error)
 
 
 @bp.get("/")
 def index():
     """The upload form."""
-    return render_template("index.html", spec=predictor().spec, results=None, error=None)
+    return _page()
 
 
 @bp.post("/")
 def upload():
     """Predict the uploaded files and show one result card per file."""
     try:
-        results, error, status = predict_uploads(), None, 200
+        return _page(results=predict_uploads(layers=True))
     except UploadError as exc:
-        results, error, status = None, str(exc), exc.http_status
-    return render_template("index.html", spec=predictor().spec, results=results, error=error), status
+        return _page(error=str(exc)), exc.http_status
+
+
+@bp.get("/model")
+def model_card_page():
+    """The loaded model's card as a page."""
+    return render_template("model.html", card=model_card(predictor().spec), metric_names=CARD_METRICS)
 
 
 @bp.get("/healthz")

@@ -1,0 +1,82 @@
+"""The model card of a bundle, as one JSON-safe dict (served at ``/api/v1/model`` and ``/model``).
+
+Everything here is read from ``model.json``; nothing is computed, so the card says only what the
+bundle's training and recorded evaluations measured.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pneumoscan import __version__
+from pneumoscan.models import BundleSpec
+
+INTENDED_USE = ("Research and education: pneumonia-vs-normal classification of paediatric "
+                "chest radiographs. Not for clinical use or diagnosis.")
+POPULATION = ("Kermany et al. (2018) chest X-ray set: paediatric patients aged 1-5, "
+              "anterior-posterior views, one centre (Guangzhou Women and Children's Medical Center).")
+LIMITATIONS = (
+    "Not validated on adults, lateral views, other hospitals or other scanners.",
+    "Validation figures come from a split carved from the training data and overstate performance "
+    "on the official test split, whose images differ (most test errors are normal images called pneumonia).",
+    "Images far from the training distribution are refused by the input gate, but the gate cannot catch "
+    "every unusual chest film.",
+)
+
+
+def _validation_section(spec: BundleSpec) -> dict[str, Any]:
+    """Validation figures from training: point estimates per operating point (no CIs were computed)."""
+    metrics = spec.val_metrics
+    if not metrics:
+        return {}
+    points = metrics.get("calibration", {}).get("operating_points") or {
+        spec.default_operating_point: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+    return {"n": metrics.get("n"), "n_by_class": metrics.get("n_by_class"),
+            "source": "patient-grouped validation split carved from train/ (chosen on it)",
+            "operating_points": points}
+
+
+def model_card(spec: BundleSpec) -> dict[str, Any]:
+    """The card: identity, data, intended use, metrics per operating point with CIs, calibration."""
+    training = spec.training
+    train_counts = training.get("train_counts") or []
+    calibration = spec.val_metrics.get("calibration", {})
+    metrics: dict[str, Any] = {}
+    validation = _validation_section(spec)
+    if validation:
+        metrics["validation_at_training"] = validation
+    metrics.update(spec.reported_metrics)  # e.g. "test", "validation": values with 95% CIs
+    return {
+        "name": spec.name,
+        "version": {"pneumoscan": spec.versions.get("pneumoscan", ""), "server": __version__,
+                    "bundle_format": spec.format_version, "created": spec.created},
+        "weights_sha256": spec.weights_sha256,
+        "architecture": {"backbone": spec.backbone, "head": spec.head, "input_size": spec.input_size,
+                         "weights_dtype": spec.weights_dtype, "class_names": list(spec.class_names)},
+        "intended_use": INTENDED_USE,
+        "population": POPULATION,
+        "limitations": list(LIMITATIONS),
+        "training_data": {
+            "dataset": "Kermany chest X-ray (Kaggle layout)",
+            "n_train": sum(train_counts) if train_counts else None,
+            "n_train_by_class": dict(zip(spec.class_names, train_counts)) if train_counts else None,
+            "n_validation": spec.val_metrics.get("n"),
+            "n_validation_by_class": spec.val_metrics.get("n_by_class"),
+            "validation_split": "patient-grouped, carved from train/ (split.csv in the bundle)",
+            "split_manifest_sha256": spec.split_manifest_sha256,
+            "recipe": {key: training[key] for key in ("backbone", "weights", "epochs", "frozen_epochs",
+                                                      "finetune_blocks", "lr", "batch_size", "augmentation",
+                                                      "class_weighting", "best_checkpoint", "fit_seconds")
+                       if key in training},
+        },
+        "decision": {"default_operating_point": spec.default_operating_point, "threshold": spec.threshold,
+                     "threshold_source": spec.threshold_source,
+                     "operating_points": dict(spec.operating_points)},
+        "calibration": {"method": spec.calibration, "temperature": spec.temperature,
+                        **{key: calibration[key] for key in ("ece_15_before", "ece_15_after",
+                                                             "brier_before", "brier_after", "n")
+                           if key in calibration}},
+        "input_gate": {key: spec.gate[key] for key in ("method", "threshold", "quantile", "n_train", "n_val")
+                       if key in spec.gate},
+        "metrics": metrics,
+    }

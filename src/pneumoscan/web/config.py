@@ -1,0 +1,38 @@
+"""The web app's settings: defaults, overridden by ``PNEUMOSCAN_*`` environment variables.
+
+Kept free of torch so that ``pneumoscan serve``'s master process can check them before forking.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from flask import Config
+
+from pneumoscan.errors import ConfigError
+
+#: Every setting, each also read from a ``PNEUMOSCAN_<NAME>`` environment variable.
+DEFAULTS: dict[str, Any] = {
+    "MODEL_DIR": None,  # None: the bundled default model
+    "MAX_CONTENT_LENGTH": 20 * 1024 * 1024,  # bytes per request
+    "MAX_FILES": 32,  # files per request
+    "AUDIT_LOG": None,  # path of the JSON-lines audit log; None: no audit log
+}
+
+
+def load_config(test_config: Mapping[str, Any] | None = None) -> Config:
+    """Defaults, then ``PNEUMOSCAN_*`` environment variables, then ``test_config``; checked.
+
+    Raises:
+        ConfigError: a setting has a value that cannot work.
+    """
+    config = Config("")
+    config.from_mapping(DEFAULTS)
+    config.from_prefixed_env("PNEUMOSCAN")
+    if test_config is not None:
+        config.update(test_config)
+    for key in ("MAX_CONTENT_LENGTH", "MAX_FILES"):
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"PNEUMOSCAN_{key} must be a positive whole number, got {value!r}")
+    return config

@@ -1,0 +1,107 @@
+"""The OpenAPI 3.0 description of the JSON API, served at ``/api/v1/openapi.json``.
+
+Written by hand (the API is small) and checked against the running app by schemathesis in the
+tests, so the two cannot drift apart silently.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pneumoscan import __version__
+
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["code", "message"],
+                             "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}},
+}
+
+_RESULT = {
+    "type": "object",
+    "required": ["filename", "status"],
+    "properties": {
+        "filename": {"type": "string"},
+        "status": {"type": "string", "enum": ["ok", "rejected", "error"]},
+        "image_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "label": {"type": "string"},
+        "probability_pneumonia": {"type": "number", "minimum": 0, "maximum": 1,
+                                  "description": "Calibrated (temperature-scaled on validation)."},
+        "threshold": {"type": "number", "minimum": 0, "maximum": 1},
+        "operating_point": {"type": "string"},
+        "reasons": {"type": "array", "items": {"type": "string"},
+                    "description": "Why the input gate refused the image (status 'rejected')."},
+        "ood_distance": {"type": "number"},
+        "gradcam_png": {"type": "string", "format": "byte", "description": "Base64 PNG overlay."},
+        "gradcam_central_share": {"type": "number", "minimum": 0, "maximum": 1},
+        "gradcam_shortcut_warning": {"type": "boolean"},
+        "error": _ERROR["properties"]["error"],
+    },
+}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def openapi_spec(*, operating_points: list[str], max_files: int, max_bytes: int) -> dict[str, Any]:
+    """The spec for one app: its model's operating points and its configured limits."""
+    errors = {
+        "400": _json(_ERROR, "Malformed request (e.g. no file field)."),
+        "413": _json(_ERROR, f"Upload over {max_bytes} bytes, more than {max_files} files, or too many pixels."),
+        "415": _json(_ERROR, "No file is a JPEG, PNG or DICOM image."),
+        "422": _json(_ERROR, "Every file is corrupt, or the options are invalid."),
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "pneumoscan API", "version": __version__,
+                 "description": "Pneumonia detection on paediatric chest X-rays. Research use only, "
+                                "not for clinical diagnosis."},
+        "paths": {
+            "/api/v1/predict": {"post": {
+                "operationId": "predict",
+                "summary": "Classify one or more chest X-rays (JPEG, PNG or DICOM).",
+                "requestBody": {"required": True, "content": {"multipart/form-data": {
+                    "schema": {
+                        "type": "object", "required": ["file"],
+                        "properties": {
+                            "file": {"type": "array", "minItems": 1, "maxItems": max_files,
+                                     "items": {"type": "string", "format": "binary"}},
+                            "operating_point": {"type": "string", "enum": operating_points},
+                            "threshold": {"type": "number", "minimum": 0, "maximum": 1},
+                            "explain": {"type": "boolean", "description": "Add a Grad-CAM overlay."},
+                        },
+                    }}}},
+                "responses": {
+                    "200": _json({"type": "object", "required": ["results"],
+                                  "properties": {"results": {"type": "array", "items": _RESULT}}},
+                                 "One result per file; at least one file was an image."),
+                    **errors,
+                },
+            }},
+            "/api/v1/model": {"get": {
+                "operationId": "modelCard",
+                "summary": "The loaded model's card: identity, data, intended use, metrics with CIs.",
+                "responses": {"200": _json({"type": "object", "required": ["name", "weights_sha256", "metrics"]},
+                                           "The model card.")},
+            }},
+            "/api/v1/openapi.json": {"get": {
+                "operationId": "openapi", "summary": "This document.",
+                "responses": {"200": _json({"type": "object"}, "OpenAPI 3.0 document.")},
+            }},
+            "/healthz": {"get": {
+                "operationId": "healthz", "summary": "The process is alive.",
+                "responses": {"200": _json({"type": "object"}, "Alive.")},
+            }},
+            "/readyz": {"get": {
+                "operationId": "readyz", "summary": "Model loaded, verified and warmed up.",
+                "responses": {"200": _json({"type": "object"}, "Ready."),
+                              "503": _json({"type": "object"}, "Still loading.")},
+            }},
+            "/metrics": {"get": {
+                "operationId": "metrics", "summary": "Prometheus metrics.",
+                "responses": {"200": {"description": "Prometheus text format.",
+                                      "content": {"text/plain": {"schema": {"type": "string"}}}}},
+            }},
+        },
+    }

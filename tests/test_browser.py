@@ -1,0 +1,119 @@
+"""The upload page in a real browser: Playwright driving Debian's Chromium.
+
+Drag-and-drop an X-ray and a holiday photo, see the X-ray's label and probability, toggle and
+fade the Grad-CAM heatmap, switch operating points, and see the photo refused. A screenshot is
+kept in ``test-artifacts/`` (or ``$PNEUMOSCAN_TEST_ARTIFACTS``).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import image_bytes, make_xray
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install -y chromium)")
+
+ARTIFACTS = Path(os.environ.get("PNEUMOSCAN_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+
+
+@pytest.fixture()
+def live_server(tiny_bundle: Path, tmp_path: Path):
+    """The app on a free loopback port, with three distinct operating points so switching shows."""
+    from werkzeug.serving import make_server
+
+    from pneumoscan.models import read_spec, rewrite_bundle
+    from pneumoscan.web import create_app
+
+    spec = read_spec(tiny_bundle)
+    points = {"balanced": 0.5, "high_sensitivity": 0.0, "high_specificity": 1.0}
+    bundle = tmp_path / "bundle"
+    rewrite_bundle(tiny_bundle, spec.replace(operating_points=points, threshold=0.5), bundle,
+                   extra_files={"split.csv": tiny_bundle / "split.csv"})
+    app = create_app({"MODEL_DIR": str(bundle), "SECRET_KEY": "test"})
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+@pytest.fixture()
+def page():
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1100, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        yield page
+        browser.close()
+        assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def _drop_files(page, selector: str, files: dict[str, tuple[bytes, str]]) -> None:
+    """Fire a real drop event carrying ``files`` (name -> (bytes, MIME type)) on ``selector``."""
+    payload = {name: [base64.b64encode(data).decode(), mime] for name, (data, mime) in files.items()}
+    transfer = page.evaluate_handle("""(files) => {
+        const dt = new DataTransfer();
+        for (const [name, [b64, mime]] of Object.entries(files)) {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            dt.items.add(new File([bytes], name, {type: mime}));
+        }
+        return dt;
+    }""", payload)
+    page.dispatch_event(selector, "drop", {"dataTransfer": transfer})
+
+
+def test_upload_explain_switch_and_refuse_in_chromium(live_server: str, page) -> None:
+    skimage_data = pytest.importorskip("skimage.data")
+    xray = image_bytes(make_xray(7, pneumonia=True, size=(160, 144)))
+    photo = image_bytes(__import__("PIL.Image", fromlist=["Image"]).fromarray(skimage_data.astronaut()), "JPEG")
+
+    page.goto(live_server + "/")
+    assert "Research use only" in page.inner_text(".notice")
+    _drop_files(page, "#dropzone", {"chest.png": (xray, "image/png"), "holiday.jpg": (photo, "image/jpeg")})
+    assert page.inner_text("#chosen").split() == ["chest.png", "holiday.jpg"]
+    page.click("button[type=submit]")
+    page.wait_for_selector(".results")
+
+    card = page.locator("article.card", has_text="chest.png")
+    assert card.get_attribute("class").split()[:2] == ["card", "ok"]
+    probability = float(card.get_attribute("data-probability"))
+    assert card.locator(".label").inner_text() == ("PNEUMONIA" if probability >= 0.5 else "NORMAL")
+    assert card.locator(".probability").inner_text() == f"{probability:.3f}"
+
+    heatmap = card.locator("img.heatmap")
+    assert heatmap.is_visible()
+    card.locator(".cam-opacity").fill("80")
+    assert heatmap.evaluate("el => getComputedStyle(el).opacity") == "0.8"
+    card.locator(".cam-toggle").uncheck()
+    assert not heatmap.is_visible()
+    card.locator(".cam-toggle").check()
+    assert heatmap.is_visible()
+
+    card.locator(".card-operating-point").select_option("high_sensitivity")
+    assert card.locator(".label").inner_text() == "PNEUMONIA"
+    assert card.locator(".threshold-value").inner_text() == "0.000"
+    if probability < 1.0:
+        card.locator(".card-operating-point").select_option("high_specificity")
+        assert card.locator(".label").inner_text() == "NORMAL"
+        assert "normal" in card.get_attribute("class").split()
+
+    photo_card = page.locator("article.card", has_text="holiday.jpg")
+    assert "rejected" in photo_card.get_attribute("class").split()
+    assert photo_card.locator("li[data-reason=colour_image]").count() == 1
+    assert photo_card.locator(".label").inner_text() == "Not analysed"
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser-upload.png"), full_page=True)
+
+    page.click("nav >> text=Model card")
+    assert "Intended use" in page.inner_text(".model-card")

@@ -1,0 +1,152 @@
+"""Operating the service: Prometheus metrics, the audit log, settings from PNEUMOSCAN_*, the
+OpenAPI document, the model card page and evaluations recorded in the bundle."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import image_bytes, make_xray
+
+
+def _post(client, *files: tuple[bytes, str], **fields):
+    return client.post("/api/v1/predict", data={"file": [(io.BytesIO(d), n) for d, n in files], **fields},
+                       content_type="multipart/form-data")
+
+
+def _sample(metrics: str, prefix: str) -> float:
+    lines = [line for line in metrics.splitlines() if line.startswith(prefix)]
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+
+def test_metrics_count_requests_labels_rejections_and_errors(client) -> None:
+    xray = image_bytes(make_xray(21, pneumonia=True))
+    blank = image_bytes(__import__("PIL.Image", fromlist=["Image"]).new("L", (128, 128), 40))
+    result = _post(client, (xray, "a.png"), (blank, "b.png"), (b"nope", "c.jpg")).get_json()["results"]
+    label = result[0]["label"]
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200 and metrics.mimetype == "text/plain"
+    text = metrics.get_data(as_text=True)
+    assert _sample(text, f'pneumoscan_predictions_total{{label="{label}",operating_point="balanced"}}') == 1
+    assert _sample(text, 'pneumoscan_rejections_total{reason="blank_or_constant"}') == 1
+    assert _sample(text, 'pneumoscan_image_errors_total{code="unsupported_media_type"}') == 1
+    assert _sample(text, 'pneumoscan_http_requests_total{endpoint="/api/v1/predict",method="POST",status="200"}') == 1
+    assert _sample(text, 'pneumoscan_http_request_duration_seconds_count{endpoint="/api/v1/predict"}') == 1
+    client.get("/no/such/page/123")
+    text = client.get("/metrics").get_data(as_text=True)
+    assert "/no/such/page" not in text and 'endpoint="unmatched"' in text  # no series per unknown URL
+
+
+def test_every_result_carries_the_uploads_sha256(client) -> None:
+    xray = image_bytes(make_xray(22))
+    (result,) = _post(client, (xray, "a.png")).get_json()["results"]
+    assert result["image_sha256"] == hashlib.sha256(xray).hexdigest()
+
+
+def test_audit_log_is_off_by_default_and_records_no_names(tiny_bundle: Path, tmp_path: Path, monkeypatch) -> None:
+    from pneumoscan.web import create_app
+
+    monkeypatch.chdir(tmp_path)
+    quiet = create_app({"TESTING": True, "MODEL_DIR": str(tiny_bundle)})
+    assert quiet.extensions["pneumoscan_audit"] is None
+    _post(quiet.test_client(), (image_bytes(make_xray(23)), "Doe_Jane.png"))
+    assert list(tmp_path.iterdir()) == []  # nothing written anywhere by default
+
+    log = tmp_path / "logs" / "audit.jsonl"
+    monkeypatch.setenv("PNEUMOSCAN_AUDIT_LOG", str(log))
+    client = create_app({"TESTING": True, "MODEL_DIR": str(tiny_bundle)}).test_client()
+    xray = image_bytes(make_xray(24))
+    response = _post(client, (xray, "Doe_Jane.png"), (b"junk", "Roe_Richard.jpg"),
+                     operating_point="balanced")
+    _post(client, (xray, "again.png"))
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(lines) == 3
+    first, second, third = lines
+    assert first["request_id"] == response.headers["X-Request-ID"] == second["request_id"] != third["request_id"]
+    assert first["image_sha256"] == hashlib.sha256(xray).hexdigest()
+    assert first["status"] == "ok" and first["operating_point"] == "balanced"
+    assert first["label"] == response.get_json()["results"][0]["label"]
+    assert first["model"]["weights_sha256"] == client.get("/api/v1/model").get_json()["weights_sha256"]
+    assert second["status"] == "error" and second["error_code"] == "unsupported_media_type"
+    text = log.read_text()
+    assert "Doe" not in text and "Roe" not in text and "filename" not in text
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("PNEUMOSCAN_MAX_FILES", "many", "PNEUMOSCAN_MAX_FILES must be a positive whole number"),
+    ("PNEUMOSCAN_MAX_CONTENT_LENGTH", "-5", "PNEUMOSCAN_MAX_CONTENT_LENGTH must be a positive whole number"),
+])
+def test_bad_settings_are_named(tiny_bundle: Path, monkeypatch, name: str, value: str, message: str) -> None:
+    from pneumoscan.errors import ConfigError
+    from pneumoscan.web import create_app
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=message):
+        create_app({"MODEL_DIR": str(tiny_bundle)})
+
+
+def test_settings_come_from_the_environment(tiny_bundle: Path, monkeypatch) -> None:
+    from pneumoscan.web import create_app
+
+    monkeypatch.setenv("PNEUMOSCAN_MAX_FILES", "1")
+    client = create_app({"MODEL_DIR": str(tiny_bundle)}).test_client()
+    xray = image_bytes(make_xray(25))
+    response = _post(client, (xray, "a.png"), (xray, "b.png"))
+    assert response.status_code == 413 and response.get_json()["error"]["code"] == "too_many_files"
+    spec = client.get("/api/v1/openapi.json").get_json()
+    body = spec["paths"]["/api/v1/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert body["properties"]["file"]["maxItems"] == 1
+
+
+def test_unwritable_audit_log_is_a_clear_error(tiny_bundle: Path, tmp_path: Path) -> None:
+    from pneumoscan.errors import ConfigError
+    from pneumoscan.web import create_app
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="cannot open the audit log"):
+        create_app({"MODEL_DIR": str(tiny_bundle), "AUDIT_LOG": str(blocker / "audit.jsonl")})
+
+
+def test_serve_refuses_bad_settings_before_starting(tiny_bundle: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "pneumoscan", "serve", "--model", str(tiny_bundle),
+                             "--max-files", "0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "PNEUMOSCAN_MAX_FILES must be a positive whole number" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_model_card_page_and_recorded_evaluation(tiny_bundle: Path, xray_root: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pneumoscan.cli import app as cli
+    from pneumoscan.models import read_spec, verify_bundle
+    from pneumoscan.web import create_app
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    before = read_spec(bundle)
+    result = CliRunner().invoke(cli, ["evaluate", "--data", str(xray_root), "--split", "test", "--model",
+                                      str(bundle), "--out", str(tmp_path / "report"), "--bootstrap", "200",
+                                      "--record"])
+    assert result.exit_code == 0, result.output
+    after = verify_bundle(bundle)  # still loads: weights untouched, sha256 unchanged
+    assert after.weights_sha256 == before.weights_sha256
+    recorded = after.reported_metrics["test"]
+    assert recorded["n"] == 12 and set(recorded["operating_points"]) == set(after.operating_points)
+    accuracy = recorded["operating_points"]["balanced"]["accuracy"]
+    assert accuracy["ci_low"] <= accuracy["value"] <= accuracy["ci_high"]
+
+    client = create_app({"TESTING": True, "MODEL_DIR": str(bundle)}).test_client()
+    assert client.get("/api/v1/model").get_json()["metrics"]["test"]["n"] == 12
+    page = client.get("/model").get_data(as_text=True)
+    assert "Metrics: test (n = 12)" in page and "Intended use" in page
+    assert f"{accuracy['value']:.3f}" in page and f"{accuracy['ci_low']:.3f}" in page
