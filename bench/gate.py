@@ -2,50 +2,27 @@
 
     python bench/gate.py --data ../shared/data/chest_xray [--model BUNDLE]
 
-Runs the gate (image checks, then the bundle's feature gate if it has one) on every image of the test and train splits (they should pass)
-and on scikit-image's sample pictures (they should not). Prints one table.
+Runs the gate (image checks, then the bundle's feature gate if it has one) on every image of the
+test and train splits (they should pass) and on the non-X-ray images of ``bench/nonxray.py``:
+natural pictures in colour and grey, documents and greyscale screenshots (they should not).
+Prints one table.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import sys
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-# scikit-image samples that are volumes, stacks, helpers or downloads rather than one 2-D picture
-SKIP = {"download_all", "lbp_frontal_face", "data_dir", "stereo_motorcycle", "lfw_subset", "kidney", "cells3d",
-        "protein_transport", "brain", "nickel_solidification", "vortex", "human_mitosis", "skin", "eagle", "lily",
-        "file_hash", "colorwheel"}
-
-
-def _natural_images() -> dict[str, bytes]:
-    import skimage.data as samples
-
-    images = {}
-    for name in sorted(set(samples.__all__) - SKIP):
-        try:
-            array = getattr(samples, name)()
-        except Exception:  # a sample that needs a download: not available offline
-            continue
-        if not isinstance(array, np.ndarray) or array.dtype == bool or array.ndim not in (2, 3):
-            continue
-        if array.ndim == 3 and array.shape[2] not in (3, 4):
-            continue
-        buffer = io.BytesIO()
-        Image.fromarray(array.astype(np.uint8)).save(buffer, format="PNG")
-        images[name] = buffer.getvalue()
-    return images
+from nonxray import all_non_xrays
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--model", type=Path, help="bundle (default: the bundled model); its feature gate is used if it has one")
+    parser.add_argument("--splits", default="test,train", help="X-ray splits to run (comma-separated; '' for none)")
     args = parser.parse_args(argv)
 
     from pneumoscan.data import decode_image, load_image, scan_split
@@ -63,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return found
 
     rows = []
-    for split in ("test", "train"):
+    for split in [name for name in args.splits.split(",") if name]:
         samples = scan_split(args.data, split)
         reasons = Counter()
         rejected = 0
@@ -72,15 +49,23 @@ def main(argv: list[str] | None = None) -> int:
             rejected += bool(found)
             reasons.update(found)
         rows.append((f"chest X-rays, {split} split (should pass)", len(samples), rejected, dict(reasons), ""))
-    naturals = _natural_images()
-    reasons, passed = Counter(), []
-    for name, data in naturals.items():
-        found = image_reasons(decode_image(data, draft_size=224))
-        reasons.update(found)
-        if not found:
-            passed.append(name)
-    rows.append(("scikit-image pictures (should be rejected)", len(naturals), len(naturals) - len(passed),
-                 dict(reasons), "passed: " + ", ".join(passed)))
+    by_kind: dict[str, dict[str, bytes]] = defaultdict(dict)
+    for key, data in all_non_xrays().items():
+        kind, name = key.split("/", 1)
+        by_kind[kind][name] = data
+    total, total_rejected = 0, 0
+    for kind, images in by_kind.items():
+        reasons, passed = Counter(), []
+        for name, data in images.items():
+            found = image_reasons(decode_image(data, draft_size=224))
+            reasons.update(found)
+            if not found:
+                passed.append(name)
+        total += len(images)
+        total_rejected += len(images) - len(passed)
+        rows.append((f"{kind} images (should be rejected)", len(images), len(images) - len(passed),
+                     dict(reasons), "passed: " + ", ".join(passed) if passed else ""))
+    rows.append(("all non-X-ray images (should be rejected)", total, total_rejected, {}, ""))
     print(f"{'set':<45} {'n':>5} {'rejected':>9} {'rate':>7}  reasons")
     for name, n, rejected, why, extra in rows:
         print(f"{name:<45} {n:>5} {rejected:>9} {rejected / n:>7.2%}  {why} {extra}")

@@ -48,6 +48,17 @@ def test_api_rejects_a_photo_but_predicts_the_xray(client) -> None:
     assert "does not look like a frontal chest radiograph" in page and 'data-reason="colour_image"' in page
 
 
+def _document_page() -> Image.Image:
+    """Black lines of text on a white, A4-shaped page."""
+    from PIL import ImageDraw
+
+    page = Image.new("L", (300, 420), 250)
+    draw = ImageDraw.Draw(page)
+    for row in range(24):
+        draw.text((20, 20 + row * 16), "Findings: no focal consolidation. Invoice total 42.00", fill=10)
+    return page
+
+
 def test_feature_gate_fits_on_the_bundles_split_and_refuses_strangers(tiny_bundle, xray_root, tmp_path) -> None:
     import json
 
@@ -70,6 +81,10 @@ def test_feature_gate_fits_on_the_bundles_split_and_refuses_strangers(tiny_bundl
     stranger = predictor.predict_images([noise])[0]
     assert stranger.ood_distance > xray.ood_distance
     assert predictor.is_out_of_distribution(stranger)
+    # A grey document passes every image check (grey, contrasty, page-shaped): only the feature gate sees it.
+    document = _document_page()
+    assert image_reasons(document) == []
+    assert predictor.is_out_of_distribution(predictor.predict_images([document])[0])
     # the gate file is checked like the weights
     gate_file = tmp_path / "gated" / "gate.safetensors"
     gate_file.write_bytes(gate_file.read_bytes()[:-8] + b"\x00" * 8)
