@@ -50,3 +50,35 @@ def test_bundled_model_on_the_real_test_split(tmp_path: Path) -> None:
     # the bundle's own validation split never includes a test image
     rows = csv.DictReader((default_bundle_path() / "split.csv").open())
     assert not any(r["path"].startswith("test/") for r in rows)
+
+
+@needs_shared_data()
+def test_bundled_app_explains_a_jpeg_and_a_dicom_and_refuses_a_photo() -> None:
+    """The issue's first-use story: a real JPEG X-ray, the same film as a DICOM, a holiday photo."""
+    import io
+
+    import numpy as np
+    import pytest
+    from PIL import Image
+
+    from pneumoscan.web import create_app
+    from test_dicom import make_dicom
+
+    skimage_data = pytest.importorskip("skimage.data")
+    jpeg = next((SHARED_DATA / "test" / "PNEUMONIA").glob("*.jpeg")).read_bytes()
+    film = np.asarray(Image.open(io.BytesIO(jpeg)).convert("L"))
+    dicom = make_dicom(film, extra={"Modality": "DX", "ViewPosition": "AP"})
+    photo = io.BytesIO()
+    Image.fromarray(skimage_data.chelsea()).save(photo, "JPEG")
+    client = create_app({"TESTING": True}).test_client()
+    files = [(io.BytesIO(jpeg), "film.jpeg"), (io.BytesIO(dicom), "film.dcm"), (io.BytesIO(photo.getvalue()), "cat.jpg")]
+    response = client.post("/api/v1/predict", data={"file": files, "explain": "true"},
+                           content_type="multipart/form-data")
+    film_jpeg, film_dicom, cat = response.get_json()["results"]
+    for result in (film_jpeg, film_dicom):
+        assert result["status"] == "ok" and result["label"] == "PNEUMONIA" and result["gradcam_png"]
+    assert abs(film_jpeg["probability_pneumonia"] - film_dicom["probability_pneumonia"]) < 0.01
+    assert cat["status"] == "rejected" and cat["reasons"] == ["colour_image"]
+    # (base64 PNGs can hold any three letters, so the name check skips them)
+    texts = [json.dumps({k: v for k, v in r.items() if k != "gradcam_png"}) for r in (film_jpeg, film_dicom, cat)]
+    assert not any("Doe" in text or "Jane" in text for text in texts)
