@@ -57,6 +57,8 @@ def train(
     scale_max: float = 1.2,
     shear: Annotated[float, typer.Option(help="Augmentation: max shear in degrees.")] = 10.0,
     brightness: float = 0.2,
+    contrast: Annotated[float, typer.Option(help="Augmentation: contrast jitter factor (0 = off).")] = 0.0,
+    blur_sigma: Annotated[float, typer.Option(help="Augmentation: Gaussian blur up to this sigma on half the images (0 = off).")] = 0.0,
     hflip: Annotated[bool, typer.Option("--hflip/--no-hflip")] = True,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="Switch all augmentation off.")] = False,
     class_weighting: Annotated[bool, typer.Option("--class-weighting/--no-class-weighting")] = True,
@@ -76,7 +78,8 @@ def train(
 
     augmentation = Augmentation.none() if no_augment else Augmentation(
         rotation_degrees=rotation, translate=translate, scale_min=scale_min, scale_max=scale_max,
-        shear_degrees=shear, brightness=brightness, horizontal_flip=hflip)
+        shear_degrees=shear, brightness=brightness, horizontal_flip=hflip, contrast=contrast,
+        blur_sigma=blur_sigma)
     config = TrainConfig(
         data=data, out=out, backbone=backbone, weights=weights, head=head, input_size=input_size,
         dropout=dropout, epochs=epochs, frozen_epochs=frozen_epochs, finetune_blocks=finetune_blocks,

@@ -362,6 +362,9 @@ class Augmentation:
     shear_degrees: float = 10.0
     brightness: float = 0.2
     horizontal_flip: bool = True
+    # Beyond the seed: exposure and sharpness differ between X-ray machines and copies.
+    contrast: float = 0.0  # ColorJitter contrast factor range
+    blur_sigma: float = 0.0  # Gaussian blur up to this sigma (pixels), applied to half the images
 
     def transform(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """A transforms-v2 pipeline on uint8 ``1 x H x W`` tensors."""
@@ -374,8 +377,10 @@ class Augmentation:
                 shear=self.shear_degrees or None,
                 interpolation=v2.InterpolationMode.BILINEAR,
             ))
-        if self.brightness:
-            steps.append(v2.ColorJitter(brightness=self.brightness))
+        if self.brightness or self.contrast:
+            steps.append(v2.ColorJitter(brightness=self.brightness or None, contrast=self.contrast or None))
+        if self.blur_sigma:
+            steps.append(v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, self.blur_sigma))], p=0.5))
         if self.horizontal_flip:
             steps.append(v2.RandomHorizontalFlip())
         return v2.Compose(steps) if steps else v2.Identity()
@@ -383,7 +388,7 @@ class Augmentation:
     @classmethod
     def none(cls) -> "Augmentation":
         """No augmentation at all."""
-        return cls(0.0, 0.0, 1.0, 1.0, 0.0, 0.0, False)
+        return cls(0.0, 0.0, 1.0, 1.0, 0.0, 0.0, False, 0.0, 0.0)
 
 
 @dataclass
