@@ -25,6 +25,9 @@ ModelOption = Annotated[Optional[Path], typer.Option(
 OperatingPointOption = Annotated[Optional[str], typer.Option(
     help="balanced (default), high_sensitivity or high_specificity: thresholds chosen on validation.")]
 TtaOption = Annotated[bool, typer.Option("--tta", help="Average each image's logits with its mirror image.")]
+BackendOption = Annotated[str, typer.Option(
+    envvar="PNEUMOSCAN_BACKEND",
+    help="auto (ONNX Runtime when the bundle has an ONNX model, else PyTorch), onnxruntime or torch.")]
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -106,6 +109,7 @@ def evaluate(
     tta: TtaOption = False,
     record: Annotated[bool, typer.Option(
         "--record", help="Also store the figures in the bundle's model.json (shown on its model card).")] = False,
+    backend: BackendOption = "auto",
 ) -> None:
     """Evaluate a bundle on a split: metrics.json with 95% CIs, predictions.csv, plots, report.md."""
     from pneumoscan.evaluation import METRIC_NAMES, evaluate_folder, record_evaluation
@@ -113,7 +117,7 @@ def evaluate(
     if bootstrap < 100:
         _fail(f"--bootstrap must be at least 100, got {bootstrap}")
     metrics = evaluate_folder(model, data, split, out, n_boot=bootstrap, seed=seed,
-                              operating_point=operating_point, tta=tta)
+                              operating_point=operating_point, tta=tta, backend=backend)
     typer.echo(f"{split}: n={metrics['n']}, operating point {metrics['operating_point']}, "
                f"threshold={metrics['threshold']:.4f}")
     for name in METRIC_NAMES:
@@ -168,6 +172,7 @@ def predict(
     operating_point: OperatingPointOption = None,
     threshold: Annotated[Optional[float], typer.Option(help="Explicit threshold on P(pneumonia); overrides --operating-point.")] = None,
     tta: TtaOption = False,
+    backend: BackendOption = "auto",
 ) -> None:
     """Predict images; exit status 1 if any file could not be read."""
     from pneumoscan.data import collect_image_paths
@@ -176,7 +181,7 @@ def predict(
     files = collect_image_paths(paths)
     if not files:
         _fail("no .jpeg/.jpg/.png images found in the given path(s)")
-    predictor = Predictor.from_bundle(model, tta=tta)
+    predictor = Predictor.from_bundle(model, tta=tta, backend=backend)
     threshold, _ = predictor.threshold_for(operating_point, threshold)
     outcomes = predictor.predict_paths(files, batch_size=batch_size, threshold=threshold)
     if csv_out is not None:
@@ -240,6 +245,34 @@ def explain(
 
 
 @app.command()
+def export(
+    model: ModelOption = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the bundle with its ONNX model here (default: in place).")] = None,
+    format: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = "onnx",
+    data: Annotated[Optional[Path], typer.Option(
+        help="Kaggle-layout root the model was trained on: adds its validation images to the parity check.")] = None,
+) -> None:
+    """Export the bundle's network to ONNX (model.onnx, sha256 in model.json), checked against PyTorch."""
+    if format != "onnx":
+        _fail(f"unknown export format '{format}'; the one supported is onnx")
+    from pneumoscan.export import PARITY_TOLERANCE, export_bundle_onnx
+
+    real = []
+    if data is not None:
+        from pneumoscan.data import load_image, square_resize
+        from pneumoscan.evaluation import split_samples
+        from pneumoscan.models import default_bundle_path, read_spec
+
+        bundle = model or default_bundle_path()
+        size = read_spec(bundle).input_size
+        real = [square_resize(load_image(s.path, draft_size=size), size) for s in split_samples(bundle, data)[:32]]
+    info = export_bundle_onnx(model, out, real_images=real)
+    checks = ", ".join(f"{name} {value:.1e}" for name, value in info["parity_max_abs_diff"].items())
+    typer.echo(f"model.onnx written (opset {info['opset']}); largest probability difference from PyTorch: "
+               f"{checks} (limit {PARITY_TOLERANCE:.0e})")
+
+
+@app.command()
 def serve(
     model: Annotated[Optional[Path], typer.Option(
         "--model", envvar="PNEUMOSCAN_MODEL_DIR", help="Model bundle directory (default: the bundled model).")] = None,
@@ -254,12 +287,17 @@ def serve(
         help="Most files per request (default 32; env PNEUMOSCAN_MAX_FILES).")] = None,
     audit_log: Annotated[Optional[Path], typer.Option(
         help="Append a JSON-lines audit record per image to this file (off by default; env PNEUMOSCAN_AUDIT_LOG).")] = None,
+    backend: BackendOption = "auto",
+    allow_torch_fallback: Annotated[bool, typer.Option(
+        "--allow-torch-fallback", envvar="PNEUMOSCAN_ALLOW_TORCH_FALLBACK",
+        help="Serve with PyTorch (and a warning) when the bundle's ONNX model is tampered or unusable.")] = False,
 ) -> None:
     """Serve the web app and JSON API with gunicorn (never the Flask debug server)."""
     from pneumoscan.web.server import run_gunicorn
 
     settings = {"MAX_CONTENT_LENGTH": max_upload_mb * 1024 * 1024 if max_upload_mb is not None else None,
-                "MAX_FILES": max_files, "AUDIT_LOG": str(audit_log) if audit_log else None}
+                "MAX_FILES": max_files, "AUDIT_LOG": str(audit_log) if audit_log else None,
+                "BACKEND": backend, "ALLOW_TORCH_FALLBACK": "true" if allow_torch_fallback else "false"}
     run_gunicorn(model_dir=model, host=host, port=port, workers=workers, threads=threads, timeout=timeout,
                  settings={key: value for key, value in settings.items() if value is not None})
 

@@ -351,7 +351,7 @@ def _estimates(y_true: np.ndarray, y_score: np.ndarray, threshold: float, *, n_b
 
 def evaluate_folder(model_dir: Path | None, data_root: Path, split: str, out_dir: Path, *,
                     n_boot: int = 2000, seed: int = 0, batch_size: int = 32,
-                    operating_point: str | None = None, tta: bool = False) -> dict:
+                    operating_point: str | None = None, tta: bool = False, backend: str = "auto") -> dict:
     """Predict every image of ``data_root/split``, write the report files, return metrics.json.
 
     The top-level metrics are at the chosen operating point (the bundle's default unless
@@ -370,7 +370,7 @@ def evaluate_folder(model_dir: Path | None, data_root: Path, split: str, out_dir
     from pneumoscan.inference import Predictor
     from pneumoscan.models import default_bundle_path
 
-    predictor = Predictor.from_bundle(model_dir, tta=tta)
+    predictor = Predictor.from_bundle(model_dir, tta=tta, backend=backend)
     if split == "validation":  # the bundle's own validation split (what it was tuned on)
         samples = split_samples(Path(model_dir or default_bundle_path()), data_root)
     else:
@@ -545,7 +545,7 @@ def recalibrate_bundle(bundle_dir: Path | None, data_root: Path, out_dir: Path) 
         operating_points=calibration.operating_points, default_operating_point="balanced",
         threshold=calibration.operating_points["balanced"], threshold_source="validation_youden",
         val_metrics=val_metrics)
-    rewrite_bundle(bundle_dir, new_spec, out_dir, extra_files=_bundle_extras(bundle_dir))
+    rewrite_bundle(bundle_dir, new_spec, out_dir)
     return calibration.report
 
 
@@ -569,15 +569,7 @@ def record_evaluation(bundle_dir: Path | None, metrics: dict) -> None:
     entry["dataset"] = Path(str(metrics["data"])).name
     entry["evaluated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     reported = {**spec.reported_metrics, metrics["split"]: entry}
-    rewrite_bundle(bundle_dir, spec.replace(reported_metrics=reported), bundle_dir,
-                   extra_files=_bundle_extras(bundle_dir))
-
-
-def _bundle_extras(bundle_dir: Path) -> dict[str, Path]:
-    """The files besides weights and spec that a re-written bundle keeps."""
-    from pneumoscan.gate import GATE_FILE
-
-    return {name: bundle_dir / name for name in ("split.csv", GATE_FILE) if (bundle_dir / name).is_file()}
+    rewrite_bundle(bundle_dir, spec.replace(reported_metrics=reported), bundle_dir)
 
 
 def fit_bundle_gate(bundle_dir: Path | None, data_root: Path, out_dir: Path, *, quantile: float = 0.995,
@@ -618,5 +610,5 @@ def fit_bundle_gate(bundle_dir: Path | None, data_root: Path, out_dir: Path, *, 
                 "quantile": quantile, "method": "mahalanobis, Ledoit-Wolf covariance of pooled backbone features",
                 "n_train": int(len(train_features)), "n_val": int(len(val_features))}
         spec = predictor.spec.replace(gate=info)
-        rewrite_bundle(bundle_dir, spec, out_dir, extra_files={**_bundle_extras(bundle_dir), GATE_FILE: gate_path})
+        rewrite_bundle(bundle_dir, spec, out_dir, extra_files={GATE_FILE: gate_path})
     return info

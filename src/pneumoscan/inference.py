@@ -5,6 +5,7 @@ This is what the CLI's ``predict`` and the web app call; it never imports Lightn
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from dataclasses import dataclass
@@ -15,11 +16,14 @@ import torch
 from PIL import Image
 
 from pneumoscan.data import decode_image, load_image, normalize, square_resize
-from pneumoscan.errors import ConfigError, PneumoscanError
+from pneumoscan.errors import BundleError, ConfigError, PneumoscanError
 from pneumoscan.models import BundleSpec, Classifier, default_bundle_path, load_bundle
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from pneumoscan.explain import Explanation
+    from pneumoscan.export import OnnxRunner
     from pneumoscan.gate import FeatureGate
 
 
@@ -54,30 +58,89 @@ class PathOutcome:
     error: str | None = None
 
 
+BACKENDS = ("auto", "onnxruntime", "torch")
+
+
+def _onnx_runner(directory: Path, spec: BundleSpec, backend: str,
+                 allow_torch_fallback: bool = False) -> "OnnxRunner | None":
+    """The bundle's ONNX Runtime session when ``backend`` asks for (or allows) one, else None.
+
+    With ``allow_torch_fallback``, an ONNX file that is tampered or unusable gives a warning and
+    None (PyTorch runs instead); without it, an error.
+
+    Raises:
+        ConfigError: ``onnxruntime`` was asked for, but the bundle has no ONNX model or
+            onnxruntime is not installed.
+        BundleError: the ONNX file is tampered or unusable, and fallback is not allowed.
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown inference backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return None
+    if not spec.onnx:
+        if backend == "onnxruntime":
+            raise ConfigError(f"{directory} has no ONNX model; run 'pneumoscan export --model {directory}' first")
+        return None
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        if backend == "onnxruntime":
+            raise ConfigError("the onnxruntime backend needs the onnxruntime package (pip install onnxruntime)") from None
+        return None
+    from pneumoscan.export import OnnxRunner
+    from pneumoscan.models import verify_part
+
+    try:
+        verify_part(directory, spec.onnx)
+        return OnnxRunner(directory / spec.onnx["file"])
+    except BundleError as exc:
+        if not allow_torch_fallback:
+            raise
+        log.warning("%s; running the network on PyTorch instead", exc)
+        return None
+
+
 class Predictor:
-    """A loaded bundle plus the exact preprocessing it was trained with."""
+    """A loaded bundle plus the exact preprocessing it was trained with.
+
+    The network runs on ONNX Runtime when the bundle carries an exported model (and onnxruntime
+    is installed), on PyTorch otherwise; both give the same probabilities. Grad-CAM always runs
+    on the PyTorch network.
+    """
 
     def __init__(self, model: Classifier, spec: BundleSpec, *, tta: bool = False,
-                 gate: "FeatureGate | None" = None) -> None:
+                 gate: "FeatureGate | None" = None, onnx: "OnnxRunner | None" = None) -> None:
         self.model = model.eval()
         self.spec = spec
         self.tta = tta
         self.gate = gate
+        self.onnx = onnx
         # One forward at a time per process: concurrent requests would oversubscribe the cores.
         self._lock = threading.Lock()
 
+    @property
+    def backend(self) -> str:
+        """``onnxruntime`` or ``torch``: what runs the network."""
+        return "onnxruntime" if self.onnx is not None else "torch"
+
     @classmethod
-    def from_bundle(cls, path: str | Path | None = None, *, tta: bool = False) -> "Predictor":
+    def from_bundle(cls, path: str | Path | None = None, *, tta: bool = False, backend: str = "auto",
+                    allow_torch_fallback: bool = False) -> "Predictor":
         """Load a bundle (the packaged default model when ``path`` is None).
 
-        ``tta`` averages the logits of each image and its horizontal mirror.
+        ``tta`` averages the logits of each image and its horizontal mirror. ``backend``:
+        ``auto`` (ONNX Runtime when the bundle has an ONNX model and onnxruntime is installed),
+        ``onnxruntime`` or ``torch``. ``allow_torch_fallback`` turns a tampered or unusable ONNX
+        file into a logged warning and PyTorch inference instead of an error.
 
         Raises:
-            BundleError: missing, corrupt or tampered bundle.
+            BundleError: missing, corrupt or tampered bundle (weights, gate or ONNX file).
+            ConfigError: an unknown backend, or ``onnxruntime`` when it cannot be used.
         """
         directory = default_bundle_path() if path is None else Path(path)
-        model, spec = load_bundle(directory)
-        return cls(model, spec, tta=tta, gate=_load_gate(directory, spec))
+        model, spec = load_bundle(directory, check_onnx=False)  # the ONNX file is checked below
+        return cls(model, spec, tta=tta, gate=_load_gate(directory, spec),
+                   onnx=_onnx_runner(directory, spec, backend, allow_torch_fallback))
 
     @property
     def operating_points(self) -> dict[str, float]:
@@ -117,6 +180,8 @@ class Predictor:
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor) -> tuple[list[float], torch.Tensor]:
         """uint8 ``B x 1 x S x S`` -> (uncalibrated logit(P(pneumonia)) per image, pooled features)."""
+        if self.onnx is not None:
+            return self._forward_onnx(pixels)
         x = normalize(pixels, self.spec.mean, self.spec.std)
         with self._lock:
             feature_map = self.model.features(x)
@@ -125,6 +190,14 @@ class Predictor:
                 logits = (logits + self.model(x.flip(-1))) / 2
         pooled = feature_map.mean(dim=(2, 3)) if feature_map.ndim == 4 else feature_map
         return (logits[:, 1] - logits[:, 0]).tolist(), pooled
+
+    def _forward_onnx(self, pixels: torch.Tensor) -> tuple[list[float], torch.Tensor]:
+        array = pixels.numpy()
+        with self._lock:
+            log_odds, features = self.onnx(array)
+            if self.tta:
+                log_odds = (log_odds + self.onnx(array[..., ::-1])[0]) / 2
+        return log_odds.astype(float).tolist(), torch.from_numpy(features)
 
     def log_odds(self, pixels: torch.Tensor) -> list[float]:
         """uint8 ``B x 1 x S x S`` -> uncalibrated logit(P(pneumonia)) per image."""

@@ -9,6 +9,7 @@ from pneumoscan.models.bundle import (
     rewrite_bundle,
     save_bundle,
     verify_bundle,
+    verify_part,
 )
 from pneumoscan.models.registry import (
     HEADS,
@@ -33,4 +34,5 @@ __all__ = [
     "register_backbone",
     "save_bundle",
     "verify_bundle",
+    "verify_part",
 ]

@@ -57,6 +57,8 @@ class BundleSpec:
     weights_sha256: str = ""
     weights_dtype: str = "float32"
     val_metrics: dict[str, Any] = field(default_factory=dict)
+    # The network exported to ONNX (``pneumoscan export``): {"file", "sha256", "opset", ...}.
+    onnx: dict[str, Any] = field(default_factory=dict)
     # Figures with 95% CIs per operating point, by split, from ``pneumoscan evaluate --record``.
     reported_metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
@@ -132,9 +134,13 @@ def save_bundle(model: nn.Module, spec: BundleSpec, directory: str | Path, *, ha
 
 def rewrite_bundle(source: str | Path, spec: BundleSpec, directory: str | Path, *,
                    extra_files: dict[str, Path] | None = None) -> BundleSpec:
-    """Write ``spec`` as a new bundle that keeps ``source``'s weights file byte for byte."""
-    weights = Path(source) / WEIGHTS_FILE
-    return _write_bundle(Path(directory), spec, lambda path: shutil.copyfile(weights, path), extra_files)
+    """Write ``spec`` as a new bundle that keeps ``source``'s weights file byte for byte, and its
+    other files (split list, input gate, ONNX model), with ``extra_files`` added or replacing them."""
+    source = Path(source)
+    kept = {item.name: item for item in source.iterdir()
+            if item.is_file() and item.name not in (WEIGHTS_FILE, SPEC_FILE)}
+    return _write_bundle(Path(directory), spec, lambda path: shutil.copyfile(source / WEIGHTS_FILE, path),
+                         {**kept, **(extra_files or {})})
 
 
 def _write_bundle(directory: Path, spec: BundleSpec, write_weights: Callable[[Path], object],
@@ -183,11 +189,23 @@ def read_spec(directory: str | Path) -> BundleSpec:
     return BundleSpec.from_json(spec_path.read_text(), source=str(spec_path))
 
 
-def verify_bundle(directory: str | Path) -> BundleSpec:
+def verify_part(directory: Path, part: dict[str, Any]) -> None:
+    """Check one listed file of a bundle (``{"file", "sha256"}``: the gate, the ONNX model).
+
+    Raises:
+        BundleError: the file is missing or its sha256 differs.
+    """
+    path = directory / part["file"]
+    if not path.is_file() or sha256_file(path) != part.get("sha256"):
+        raise BundleError(f"{path} is missing, corrupt or was modified; refusing to load the bundle")
+
+
+def verify_bundle(directory: str | Path, *, check_onnx: bool = True) -> BundleSpec:
     """Check a bundle without building the network: spec readable, weights present, sha256 right.
 
     Raises:
-        BundleError: missing files, a bad spec, or a sha256 mismatch (corrupt or tampered weights).
+        BundleError: missing files, a bad spec, or a sha256 mismatch (corrupt or tampered weights,
+            gate or, with ``check_onnx``, ONNX model).
     """
     directory = Path(directory)
     spec = read_spec(directory)
@@ -201,14 +219,14 @@ def verify_bundle(directory: str | Path) -> BundleSpec:
             f"{SPEC_FILE} records {spec.weights_sha256[:16] or 'nothing'}.... Refusing to load it; "
             "re-export or re-download the bundle."
         )
-    if spec.gate:  # the input gate's statistics are checked like the weights
-        gate_path = directory / spec.gate.get("file", "gate.safetensors")
-        if not gate_path.is_file() or sha256_file(gate_path) != spec.gate.get("sha256"):
-            raise BundleError(f"{gate_path} is missing, corrupt or was modified; refusing to load the bundle")
+    # The input gate and the ONNX model are checked like the weights.
+    for part in (spec.gate, spec.onnx if check_onnx else {}):
+        if part:
+            verify_part(directory, part)
     return spec
 
 
-def load_bundle(directory: str | Path) -> tuple[Classifier, BundleSpec]:
+def load_bundle(directory: str | Path, *, check_onnx: bool = True) -> tuple[Classifier, BundleSpec]:
     """Rebuild the network from a verified bundle and return it in eval mode (float32).
 
     Raises:
@@ -216,7 +234,7 @@ def load_bundle(directory: str | Path) -> tuple[Classifier, BundleSpec]:
             architecture.
     """
     directory = Path(directory)
-    spec = verify_bundle(directory)
+    spec = verify_bundle(directory, check_onnx=check_onnx)
     weights_path = directory / WEIGHTS_FILE
     try:
         model = create_classifier(spec.backbone, weights="none", head=spec.head,

@@ -35,7 +35,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.config.update(load_config(test_config))
     if not app.config.get("SECRET_KEY"):
         app.config["SECRET_KEY"] = secrets.token_hex(32)
-    predictor = Predictor.from_bundle(app.config["MODEL_DIR"])  # checks the sha256
+    predictor = Predictor.from_bundle(app.config["MODEL_DIR"], backend=app.config["BACKEND"],
+                                      allow_torch_fallback=app.config["ALLOW_TORCH_FALLBACK"])  # checks sha256s
     # One warm-up inference before /readyz says yes: the first real request pays no start-up cost.
     predictor.predict_images([Image.new("L", (predictor.spec.input_size,) * 2)])
     app.extensions["pneumoscan"] = predictor

@@ -17,6 +17,8 @@ DEFAULTS: dict[str, Any] = {
     "MAX_CONTENT_LENGTH": 20 * 1024 * 1024,  # bytes per request
     "MAX_FILES": 32,  # files per request
     "AUDIT_LOG": None,  # path of the JSON-lines audit log; None: no audit log
+    "BACKEND": "auto",  # auto (ONNX Runtime when the bundle has an ONNX model), onnxruntime or torch
+    "ALLOW_TORCH_FALLBACK": False,  # a tampered/unusable ONNX file: PyTorch with a warning, not an error
 }
 
 
@@ -35,4 +37,9 @@ def load_config(test_config: Mapping[str, Any] | None = None) -> Config:
         value = config[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"PNEUMOSCAN_{key} must be a positive whole number, got {value!r}")
+    if config["BACKEND"] not in ("auto", "onnxruntime", "torch"):
+        raise ConfigError(f"PNEUMOSCAN_BACKEND must be auto, onnxruntime or torch, got {config['BACKEND']!r}")
+    if not isinstance(config["ALLOW_TORCH_FALLBACK"], bool):
+        raise ConfigError("PNEUMOSCAN_ALLOW_TORCH_FALLBACK must be true or false, "
+                          f"got {config['ALLOW_TORCH_FALLBACK']!r}")
     return config

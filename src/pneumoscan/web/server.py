@@ -57,11 +57,11 @@ def run_gunicorn(*, model_dir: Path | None, host: str, port: int, workers: int, 
     bundle = model_dir or default_bundle_path()
     # Fail here, with a clear message, rather than inside every worker. No torch computation in
     # the master: OpenMP threads started before gunicorn forks would deadlock the workers.
-    verify_bundle(bundle)
     os.environ["PNEUMOSCAN_MODEL_DIR"] = str(bundle)
     for key, value in (settings or {}).items():
         os.environ[f"PNEUMOSCAN_{key}"] = str(value)
     config = load_config()
+    verify_bundle(bundle, check_onnx=not config["ALLOW_TORCH_FALLBACK"])
     if config["AUDIT_LOG"]:
         AuditLog(config["AUDIT_LOG"])  # an unwritable path fails now, not in every worker
     options: dict[str, Any] = {

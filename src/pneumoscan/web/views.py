@@ -52,4 +52,5 @@ def readyz():
     if not current_app.extensions.get("pneumoscan_ready"):
         return {"status": "loading"}, 503
     spec = predictor().spec
-    return {"status": "ready", "model": spec.name, "weights_sha256": spec.weights_sha256}
+    return {"status": "ready", "model": spec.name, "weights_sha256": spec.weights_sha256,
+            "backend": predictor().backend}

@@ -1,0 +1,143 @@
+"""Latency and throughput on this CPU: the seed's ResNet50 design vs the bundled model, on PyTorch
+eager and on ONNX Runtime, measured side by side in one run.
+
+    python bench/latency.py [--data ../shared/data/chest_xray] [--model BUNDLE] [--repeats 200]
+
+- end to end, one image at a time: JPEG bytes -> decode -> square resize -> network -> calibrated
+  probability (p50 / p95 ms), and the network alone;
+- the network's GFLOP per image (PyTorch's FLOP counter) and the GFLOP/s it reaches, against the
+  GFLOP/s of a large float32 matrix multiply on the same cores;
+- with ``--data``: the 624 test images through ``Predictor.predict_paths`` (what ``pneumoscan
+  predict`` runs), in images/s.
+The seed-equivalent is torchvision's ResNet50 with the seed's Flatten-512-128-2 head (random
+weights: timing only). Without ``--data`` the image is a synthetic 1024x1024 JPEG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def _percentiles(samples: list[float]) -> tuple[float, float]:
+    ordered = sorted(samples)
+    return statistics.median(ordered) * 1000, ordered[int(0.95 * (len(ordered) - 1))] * 1000
+
+
+def _timed(function: Callable[[], object], repeats: int, warmup: int = 5) -> list[float]:
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """float32 GEMM throughput of this machine with PyTorch's threads (the practical peak)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = min(_timed(lambda: torch.mm(a, b), repeats, warmup=2))
+    return 2 * n**3 / best / 1e9
+
+
+def network_gflop(model: torch.nn.Module, size: int) -> float:
+    """GFLOP of one forward pass at batch 1 (multiply and add counted separately)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        model(torch.zeros(1, 3, size, size))
+    return counter.get_total_flops() / 1e9
+
+
+def _sample_jpeg(data: Path | None) -> bytes:
+    if data is not None:
+        return next((data / "test" / "PNEUMONIA").glob("*.jpeg")).read_bytes()
+    rng = np.random.default_rng(0)
+    pixels = np.clip(rng.normal(110, 40, (1024, 1024)), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="bundle (default: the bundled model)")
+    parser.add_argument("--data", type=Path, help="Kaggle-layout root: real test images for latency and throughput")
+    parser.add_argument("--repeats", type=int, default=200, help="timed single-image runs per engine")
+    parser.add_argument("--seed-repeats", type=int, default=30, help="timed runs of the (slow) seed-equivalent")
+    args = parser.parse_args(argv)
+
+    from pneumoscan.data import decode_image, normalize, square_resize
+    from pneumoscan.inference import Predictor
+    from pneumoscan.models import create_classifier
+
+    torch.set_grad_enabled(False)
+    jpeg = _sample_jpeg(args.data)
+    onnx = Predictor.from_bundle(args.model, backend="onnxruntime")
+    eager = Predictor.from_bundle(args.model, backend="torch")
+    spec = eager.spec
+    size = spec.input_size
+    seed_net = create_classifier("resnet50", weights="none", head="seed", input_size=224).eval()
+
+    def seed_end_to_end() -> float:
+        pixels = square_resize(decode_image(jpeg, draft_size=224), 224)[None]
+        logits = seed_net(normalize(pixels, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+        return float(torch.softmax(logits, 1)[0, 1])
+
+    def bundle_end_to_end(predictor: Predictor) -> Callable[[], float]:
+        return lambda: predictor.predict_images([predictor.decode(jpeg)])[0].probability_pneumonia
+
+    pixels = square_resize(decode_image(jpeg, draft_size=size), size)[None]
+    seed_pixels = normalize(square_resize(decode_image(jpeg, draft_size=224), 224)[None],
+                            (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    peak = matmul_gflops()
+    engines = [
+        ("seed-equivalent ResNet50 + seed head, PyTorch", seed_end_to_end, lambda: seed_net(seed_pixels),
+         network_gflop(seed_net, 224), args.seed_repeats),
+        (f"{spec.backbone} bundle, PyTorch eager", bundle_end_to_end(eager), lambda: eager.forward(pixels),
+         network_gflop(eager.model, size), args.repeats),
+        (f"{spec.backbone} bundle, ONNX Runtime", bundle_end_to_end(onnx), lambda: onnx.forward(pixels),
+         network_gflop(eager.model, size), args.repeats),
+    ]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; float32 matmul (2048^2): {peak:.1f} GFLOP/s")
+    print(f"image: {'a real test JPEG' if args.data else 'synthetic 1024x1024 JPEG'} ({len(jpeg)} bytes)\n")
+    header = (f"{'engine':<48} {'e2e p50 ms':>10} {'e2e p95 ms':>10} {'net p50 ms':>10} {'GFLOP':>7} "
+              f"{'GFLOP/s':>8} {'% matmul':>8} {'speed-up':>8}")
+    print(header)
+    print("-" * len(header))
+    seed_p50 = None
+    for name, end_to_end, network, gflop, repeats in engines:
+        e2e_p50, e2e_p95 = _percentiles(_timed(end_to_end, repeats))
+        net_p50, _ = _percentiles(_timed(network, repeats))
+        seed_p50 = seed_p50 or e2e_p50
+        achieved = gflop / (net_p50 / 1000)
+        print(f"{name:<48} {e2e_p50:>10.2f} {e2e_p95:>10.2f} {net_p50:>10.2f} {gflop:>7.2f} "
+              f"{achieved:>8.1f} {achieved / peak:>8.0%} {seed_p50 / e2e_p50:>7.1f}x")
+
+    if args.data is not None:
+        paths = sorted((args.data / "test").rglob("*.jpeg"))
+        print(f"\nbatch throughput, {len(paths)} test images through Predictor.predict_paths (batch 32):")
+        for name, predictor in (("PyTorch eager", eager), ("ONNX Runtime", onnx)):
+            predictor.predict_paths(paths[:32])  # warm-up
+            started = time.perf_counter()
+            outcomes = predictor.predict_paths(paths, batch_size=32)
+            seconds = time.perf_counter() - started
+            assert all(o.error is None for o in outcomes)
+            print(f"  {name:<14} {len(paths) / seconds:>7.1f} images/s  ({seconds:.2f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Load test: ``pneumoscan serve`` on 127.0.0.1, concurrent clients posting X-rays, bounded in time.
+
+    python bench/load.py [--data ../shared/data/chest_xray] [--duration 60] [--clients 8,32]
+                         [--workers 1] [--threads 8] [--model BUNDLE]
+
+Starts its own server (gunicorn, the same command a user runs), waits for /readyz, then for each
+concurrency level runs that many clients for ``--duration`` seconds (at most ``--max-requests``
+requests), each posting one image per request to /api/v1/predict over a kept-alive connection.
+Prints requests/s, latency p50/p95/p99, errors (anything but a 200 with status ok), and the
+server's peak resident memory (master and workers together), then stops the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _images(data: Path | None, count: int = 64) -> list[tuple[str, bytes]]:
+    if data is not None:
+        paths = sorted((data / "test").rglob("*.jpeg"))[::max(1, 624 // count)][:count]
+        return [(p.name, p.read_bytes()) for p in paths]
+    from PIL import Image, ImageDraw
+
+    images = []
+    rng = np.random.default_rng(0)
+    for i in range(8):  # grey, chest-shaped: they pass the image checks (the feature gate may refuse them)
+        image = Image.new("L", (512, 480), 30)
+        draw = ImageDraw.Draw(image)
+        draw.ellipse((60, 60, 230, 420), fill=120)
+        draw.ellipse((280, 60, 450, 420), fill=120)
+        pixels = np.clip(np.asarray(image, dtype=float) + rng.normal(0, 15, (480, 512)), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+        images.append((f"synthetic{i}.jpeg", buffer.getvalue()))
+    return images
+
+
+def _multipart(name: str, data: bytes) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+            "Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def _tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (gunicorn master + workers), in MB."""
+    total, pending = 0, [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+            pending.extend(int(c) for c in children)
+        except OSError:
+            continue
+    return total / 1024
+
+
+class _Client(threading.Thread):
+    def __init__(self, port: int, payloads: list[tuple[bytes, str]], deadline: float, budget: list[int],
+                 lock: threading.Lock, expect_ok: bool) -> None:
+        super().__init__(daemon=True)
+        self.port, self.payloads, self.deadline, self.budget, self.lock = port, payloads, deadline, budget, lock
+        self.expect_ok = expect_ok
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        i = self.ident or 0
+        while time.monotonic() < self.deadline:
+            with self.lock:
+                if self.budget[0] <= 0:
+                    break
+                self.budget[0] -= 1
+            body, content_type = self.payloads[i % len(self.payloads)]
+            i += 1
+            started = time.perf_counter()
+            try:
+                connection.request("POST", "/api/v1/predict", body=body, headers={"Content-Type": content_type})
+                response = connection.getresponse()
+                text = response.read()
+                self.latencies.append(time.perf_counter() - started)
+                if response.status != 200 or (self.expect_ok and b'"status":"ok"' not in text):
+                    self.errors.append(f"HTTP {response.status}")
+            except (OSError, http.client.HTTPException) as exc:
+                self.errors.append(type(exc).__name__)
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        connection.close()
+
+
+def run_level(port: int, payloads, clients: int, duration: float, max_requests: int, expect_ok: bool) -> dict:
+    lock, budget = threading.Lock(), [max_requests]
+    started = time.monotonic()
+    workers = [_Client(port, payloads, started + duration, budget, lock, expect_ok) for _ in range(clients)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    elapsed = time.monotonic() - started
+    latencies = sorted(x for w in workers for x in w.latencies)
+    errors = [e for w in workers for e in w.errors]
+    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")  # noqa: E731
+    return {"clients": clients, "requests": len(latencies), "rps": len(latencies) / elapsed,
+            "p50": pick(0.50), "p95": pick(0.95), "p99": pick(0.99), "errors": len(errors),
+            "error_kinds": sorted(set(errors))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, help="Kaggle-layout root: post real test X-rays (default: synthetic)")
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds per concurrency level")
+    parser.add_argument("--clients", default="8,32", help="concurrency levels, comma-separated")
+    parser.add_argument("--max-requests", type=int, default=20000, help="cap per level")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--backend", default="auto")
+    args = parser.parse_args(argv)
+
+    port = _free_port()
+    command = [sys.executable, "-m", "pneumoscan", "serve", "--port", str(port), "--workers", str(args.workers),
+               "--threads", str(args.threads), "--backend", args.backend]
+    if args.model:
+        command += ["--model", str(args.model)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True, env=env)
+    peak = [0.0]
+    stop = threading.Event()
+
+    def watch_memory() -> None:
+        while not stop.wait(0.5):
+            peak[0] = max(peak[0], _tree_rss_mb(server.pid))
+
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                connection.request("GET", "/readyz")
+                if connection.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                print("the server did not start:\n" + (server.stderr.read() if server.poll() is not None else ""))
+                return 1
+            time.sleep(0.5)
+        threading.Thread(target=watch_memory, daemon=True).start()
+        idle_rss = _tree_rss_mb(server.pid)
+        payloads = [_multipart(name, data) for name, data in _images(args.data)]
+        print(f"server: {' '.join(command[2:])}; {len(payloads)} distinct images "
+              f"({'real test X-rays' if args.data else 'synthetic'}); idle RSS {idle_rss:.0f} MB")
+        header = f"{'clients':>7} {'requests':>9} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7}"
+        print(header)
+        print("-" * len(header))
+        for clients in (int(c) for c in args.clients.split(",")):
+            r = run_level(port, payloads, clients, args.duration, args.max_requests, expect_ok=args.data is not None)
+            print(f"{r['clients']:>7} {r['requests']:>9} {r['rps']:>7.1f} {r['p50']:>8.1f} {r['p95']:>8.1f} "
+                  f"{r['p99']:>8.1f} {r['errors']:>7} {' '.join(r['error_kinds'])}")
+        print(f"peak server RSS (master + workers): {peak[0]:.0f} MB")
+    finally:
+        stop.set()
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
