@@ -88,8 +88,9 @@ def tiny_bundle(trained_run: Path) -> Path:
 def app(tiny_bundle: Path):
     from pneumoscan.web import create_app
 
+    # CSRF is off for the test client's form posts; tests/test_security.py checks it with it on.
     return create_app({"TESTING": True, "MODEL_DIR": str(tiny_bundle), "SECRET_KEY": "test",
-                       "MAX_CONTENT_LENGTH": 2 * 1024 * 1024, "MAX_FILES": 4})
+                       "MAX_CONTENT_LENGTH": 2 * 1024 * 1024, "MAX_FILES": 4, "WTF_CSRF_ENABLED": False})
 
 
 @pytest.fixture()

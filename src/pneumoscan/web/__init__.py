@@ -12,6 +12,7 @@ import uuid
 from typing import Any, Mapping
 
 from flask import Flask, g, jsonify, render_template, request
+from flask_wtf.csrf import CSRFProtect
 from PIL import Image
 from werkzeug.exceptions import HTTPException
 
@@ -20,6 +21,7 @@ from pneumoscan.inference import Predictor
 from pneumoscan.web.audit import AuditLog
 from pneumoscan.web.config import load_config
 from pneumoscan.web.metrics import install_metrics
+from pneumoscan.web.security import install_security
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
@@ -33,6 +35,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """
     app = Flask(__name__)
     app.config.update(load_config(test_config))
+    _register_request_ids(app)  # first: every later hook and error has the id
     if not app.config.get("SECRET_KEY"):
         app.config["SECRET_KEY"] = secrets.token_hex(32)
     predictor = Predictor.from_bundle(app.config["MODEL_DIR"], backend=app.config["BACKEND"],
@@ -46,10 +49,12 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     from pneumoscan.web import api, views
 
+    csrf = CSRFProtect()
+    csrf.exempt(api.bp)
+    install_security(app, csrf)
     app.register_blueprint(views.bp)
     app.register_blueprint(api.bp, url_prefix="/api/v1")
     _register_error_handlers(app)
-    _register_request_ids(app)
     return app
 
 

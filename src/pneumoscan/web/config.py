@@ -19,6 +19,11 @@ DEFAULTS: dict[str, Any] = {
     "AUDIT_LOG": None,  # path of the JSON-lines audit log; None: no audit log
     "BACKEND": "auto",  # auto (ONNX Runtime when the bundle has an ONNX model), onnxruntime or torch
     "ALLOW_TORCH_FALLBACK": False,  # a tampered/unusable ONNX file: PyTorch with a warning, not an error
+    "API_KEYS": "",  # comma-separated keys required on /api/ (off when empty)
+    "RATE_LIMIT": "",  # e.g. "60/minute" per client (flask-limiter syntax; off when empty)
+    "SECRET_KEY": None,  # signs the session cookie that carries the form's CSRF token; random if unset
+    "SESSION_COOKIE_SAMESITE": "Lax",
+    "WTF_CSRF_TIME_LIMIT": None,  # the token lives as long as the browser session
 }
 
 
@@ -37,6 +42,14 @@ def load_config(test_config: Mapping[str, Any] | None = None) -> Config:
         value = config[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"PNEUMOSCAN_{key} must be a positive whole number, got {value!r}")
+    if config["RATE_LIMIT"]:
+        from limits import parse_many
+
+        try:
+            parse_many(str(config["RATE_LIMIT"]))
+        except ValueError:
+            raise ConfigError(f"PNEUMOSCAN_RATE_LIMIT must look like '60/minute' or '10/second;500/hour', "
+                              f"got {config['RATE_LIMIT']!r}") from None
     if config["BACKEND"] not in ("auto", "onnxruntime", "torch"):
         raise ConfigError(f"PNEUMOSCAN_BACKEND must be auto, onnxruntime or torch, got {config['BACKEND']!r}")
     if not isinstance(config["ALLOW_TORCH_FALLBACK"], bool):

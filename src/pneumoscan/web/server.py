@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -60,6 +61,9 @@ def run_gunicorn(*, model_dir: Path | None, host: str, port: int, workers: int, 
     os.environ["PNEUMOSCAN_MODEL_DIR"] = str(bundle)
     for key, value in (settings or {}).items():
         os.environ[f"PNEUMOSCAN_{key}"] = str(value)
+    if not os.environ.get("PNEUMOSCAN_SECRET_KEY"):
+        # One random key for all workers: a form served by one worker must validate on another.
+        os.environ["PNEUMOSCAN_SECRET_KEY"] = secrets.token_hex(32)
     config = load_config()
     verify_bundle(bundle, check_onnx=not config["ALLOW_TORCH_FALLBACK"])
     if config["AUDIT_LOG"]:
