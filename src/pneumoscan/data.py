@@ -55,6 +55,9 @@ def decode_image(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXE
         return decode_dicom(data, name=name, max_pixels=max_pixels)
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise InvalidImageError(f"{name}: the image declares more pixels than the limit of {max_pixels}",
+                                code="too_many_pixels", http_status=413) from None
     except UnidentifiedImageError:
         if data.startswith(_SIGNATURES):
             raise InvalidImageError(f"{name}: the image header is corrupt") from None

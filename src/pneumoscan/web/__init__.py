@@ -6,12 +6,13 @@ only; it never imports training code or Lightning.
 
 from __future__ import annotations
 
+import io
 import re
 import secrets
 import uuid
 from typing import Any, Mapping
 
-from flask import Flask, g, jsonify, render_template, request
+from flask import Flask, Request, g, jsonify, render_template, request
 from flask_wtf.csrf import CSRFProtect
 from PIL import Image
 from werkzeug.exceptions import HTTPException
@@ -36,6 +37,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app = Flask(__name__)
     app.config.update(load_config(test_config))
     _register_request_ids(app)  # first: every later hook and error has the id
+    # werkzeug stops parsing beyond this many parts: 10,000 tiny files cost nothing to refuse
+    app.config["MAX_FORM_PARTS"] = app.config["MAX_FILES"] + 8
+    app.request_class = InMemoryRequest
     if not app.config.get("SECRET_KEY"):
         app.config["SECRET_KEY"] = secrets.token_hex(32)
     predictor = Predictor.from_bundle(app.config["MODEL_DIR"], backend=app.config["BACKEND"],
@@ -59,6 +63,16 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+class InMemoryRequest(Request):
+    """Uploaded files stay in memory: werkzeug would spool those over 500 kB to a temporary file.
+
+    MAX_CONTENT_LENGTH bounds what a request can hold in memory.
+    """
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        return io.BytesIO()
 
 
 def _register_request_ids(app: Flask) -> None:
@@ -93,8 +107,12 @@ def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(413)
     def too_large(exc: HTTPException):
         limit = app.config["MAX_CONTENT_LENGTH"]
-        return _error(413, "payload_too_large",
-                      f"the upload is larger than the limit of {limit // (1024 * 1024)} MB")
+        if request.content_length is not None and request.content_length <= limit:
+            # within the byte limit, so werkzeug stopped at MAX_FORM_PARTS: too many files or fields
+            return _error(413, "too_many_files",
+                          f"too many parts in one request; the limit is {app.config['MAX_FILES']} files")
+        return _error(413, "payload_too_large", f"the upload is larger than the limit of {limit / 1e6:g} MB"
+                      if limit >= 1e6 else f"the upload is larger than the limit of {limit} bytes")
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

@@ -39,6 +39,13 @@ def _float_or_none(value: str | None) -> float | None:
                           code="invalid_threshold", http_status=422) from None
 
 
+def _safe_name(filename: str | None) -> str:
+    """The upload's base name, without directories or control characters, at most 255 characters."""
+    base = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    cleaned = "".join(ch for ch in base if ch.isprintable())[:255].strip()
+    return cleaned if cleaned not in ("", ".", "..") else "upload"
+
+
 def _png_base64(image: Image.Image) -> str:
     return base64.b64encode(png_bytes(image)).decode()
 
@@ -71,7 +78,7 @@ def predict_uploads(*, layers: bool = False) -> list[dict[str, Any]]:
     model.threshold_for(operating_point, threshold)  # a bad choice fails the request up front
     results: list[dict[str, Any]] = []
     for upload in files:
-        name = (upload.filename or "upload").replace("\\", "/").rsplit("/", 1)[-1][:255]
+        name = _safe_name(upload.filename)
         data = upload.read()
         digest = hashlib.sha256(data).hexdigest()
         try:
