@@ -96,3 +96,62 @@ def test_exported_bundle_is_calibrated_on_validation(trained_run: Path) -> None:
         predictor.threshold_for("aggressive")
     with pytest.raises(ConfigError, match="between 0 and 1"):
         predictor.threshold_for(threshold=1.5)
+
+
+def test_checkpoints_are_written_atomically(tmp_path: Path) -> None:
+    import torch
+
+    from pneumoscan.training.checkpointing import AtomicCheckpointIO
+
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"epoch": 1, "weights": torch.ones(3)}, target)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("killed half-way through writing")
+
+    with pytest.raises(RuntimeError, match="half-way"):
+        io.save_checkpoint({"epoch": 2, "junk": Unpicklable()}, target)
+    assert torch.load(target, weights_only=True)["epoch"] == 1  # the old checkpoint is intact
+    assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]  # no partial file left
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_loses_at_most_one_epoch(tmp_path: Path) -> None:
+    """A run killed with SIGKILL in the middle of an epoch resumes from last.ckpt and completes."""
+    import signal
+    import time
+
+    import torch
+
+    from conftest import write_kaggle_layout
+
+    data = write_kaggle_layout(tmp_path / "data", per_class={"train": 30, "val": 2, "test": 2})
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pneumoscan", "train", "--data", str(data), "--out", str(out), "--weights", "none",
+           "--input-size", str(TEST_INPUT), "--epochs", "3", "--frozen-epochs", "0", "--batch-size", "2",
+           "--val-fraction", "0.25", "--patience", "10", "--accelerator", "cpu", "--devices", "1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    last = out / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.exists():
+        assert run.poll() is None, run.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the next epoch
+    run.send_signal(signal.SIGKILL)
+    run.wait(timeout=30)
+    assert run.returncode == -signal.SIGKILL
+    assert not (out / "bundle").exists()  # no bundle from a killed run
+    saved = torch.load(last, map_location="cpu", weights_only=False)  # complete and readable
+    completed = saved["epoch"] + 1  # epochs finished when last.ckpt was written
+
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = list(csv.DictReader(sorted((out / "logs").glob("version_*/metrics.csv"))[-1].open()))
+    resumed_epochs = sorted({int(float(r["epoch"])) for r in rows if r.get("val_loss")})
+    assert resumed_epochs == list(range(completed, 3))  # only the interrupted epoch is run again
+    assert load_bundle(out / "bundle")[1].training["resume"] is True
+    assert not list((out / "checkpoints").glob(".*.partial"))

@@ -22,6 +22,7 @@ from pneumoscan.errors import ConfigError
 from pneumoscan.evaluation import calibrate_on_validation, training_curves_figure
 from pneumoscan.models import BundleSpec, backbone_info, create_classifier, save_bundle
 from pneumoscan.training.callbacks import StagedFinetuning
+from pneumoscan.training.checkpointing import AtomicCheckpointIO
 from pneumoscan.training.datamodule import ChestXrayDataModule
 from pneumoscan.training.module import PneumoniaClassifier
 
@@ -137,7 +138,7 @@ def train(config: TrainConfig) -> Path | None:
         devices=_devices(config.devices), num_nodes=config.num_nodes, strategy=config.strategy,
         precision=config.precision, callbacks=callbacks, logger=CSVLogger(out, name="logs"),
         deterministic=False, log_every_n_steps=10, limit_train_batches=config.limit_train_batches,
-        enable_model_summary=False)
+        enable_model_summary=False, plugins=[AtomicCheckpointIO()])
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last_ckpt) if config.resume else None)
     fit_seconds = time.perf_counter() - started
