@@ -16,7 +16,7 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -110,23 +110,29 @@ def decode_dicom(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXE
         raise InvalidImageError(f"{name}: the DICOM file is corrupt or truncated") from None
     if "PixelData" not in dataset:
         raise InvalidImageError(f"{name}: the DICOM file has no pixel data", code="dicom_no_pixels")
-    rows, columns = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
+    try:
+        rows, columns = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
+    except (TypeError, ValueError):
+        raise InvalidImageError(f"{name}: the DICOM image size (Rows, Columns) is invalid") from None
     if rows * columns > max_pixels:
         raise InvalidImageError(f"{name}: {columns}x{rows} pixels is more than the limit of {max_pixels}",
                                 code="too_many_pixels", http_status=413)
     try:
         pixels = dataset.pixel_array
-    except Exception as exc:
-        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
-        detail = f" (transfer syntax {syntax.name})" if syntax is not None else ""
-        raise InvalidImageError(f"{name}: cannot decode the DICOM pixel data{detail}: "
+    except Exception as exc:  # pydicom and its decoders raise many types on broken pixel data
+        raise InvalidImageError(f"{name}: cannot decode the DICOM pixel data{_transfer_syntax(dataset)}: "
                                 f"{type(exc).__name__}", code="dicom_undecodable") from None
     if pixels.ndim == 3 and dataset.get("SamplesPerPixel", 1) == 1:
         pixels = pixels[0]  # multi-frame: the first frame
     if pixels.ndim != 2:
         raise InvalidImageError(f"{name}: only single-channel (greyscale) DICOM images are supported",
                                 code="unsupported_media_type", http_status=415)
-    values = apply_voi_lut(apply_modality_lut(pixels, dataset), dataset).astype(np.float64)
+    try:
+        values = apply_voi_lut(apply_modality_lut(pixels, dataset), dataset).astype(np.float64)
+    except Exception:  # a malformed Rescale or VOI LUT / window attribute
+        raise InvalidImageError(f"{name}: the DICOM rescale or window (VOI LUT) attributes are invalid") from None
+    if not np.isfinite(values).all():
+        raise InvalidImageError(f"{name}: the DICOM rescale or window gives non-finite pixel values")
     if str(dataset.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         values = values.max() + values.min() - values
     low, high = float(values.min()), float(values.max())
@@ -136,6 +142,14 @@ def decode_dicom(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXE
     image.info[DICOM_MODALITY_KEY] = str(dataset.get("Modality", "") or "").strip().upper()
     image.info[DICOM_VIEW_KEY] = str(dataset.get("ViewPosition", "") or "").strip().upper()
     return image
+
+
+def _transfer_syntax(dataset: Any) -> str:
+    """`` (transfer syntax NAME)`` for error messages, or "" when the file's own value is unusable."""
+    try:
+        return f" (transfer syntax {dataset.file_meta.TransferSyntaxUID.name})"
+    except Exception:
+        return ""
 
 
 def _to_grey(image: Image.Image) -> Image.Image:
