@@ -6,7 +6,7 @@
 Starts its own server (gunicorn, the same command a user runs), waits for /readyz, then for each
 concurrency level runs that many clients for ``--duration`` seconds (at most ``--max-requests``
 requests), each posting one image per request to /api/v1/predict over a kept-alive connection.
-Prints requests/s, latency p50/p95/p99, errors (anything but a 200 with status ok), and the
+Prints requests/s, latency p50/p95/p99, errors (anything but a 200 without a per-file error), and the
 server's peak resident memory (master and workers together), then stops the server.
 """
 
@@ -102,7 +102,8 @@ class _Client(threading.Thread):
                 response = connection.getresponse()
                 text = response.read()
                 self.latencies.append(time.perf_counter() - started)
-                if response.status != 200 or (self.expect_ok and b'"status":"ok"' not in text):
+                # a prediction or a gate rejection is an answer; an error status is not
+                if response.status != 200 or (self.expect_ok and b'"status":"error"' in text):
                     self.errors.append(f"HTTP {response.status}")
             except (OSError, http.client.HTTPException) as exc:
                 self.errors.append(type(exc).__name__)
@@ -128,6 +129,51 @@ def run_level(port: int, payloads, clients: int, duration: float, max_requests: 
             "error_kinds": sorted(set(errors))}
 
 
+class ServedApp:
+    """``pneumoscan serve`` on a free loopback port, from /readyz to SIGTERM (a context manager)."""
+
+    def __init__(self, *, model: Path | None = None, workers: int = 1, threads: int = 8, backend: str = "auto",
+                 extra: list[str] | None = None) -> None:
+        self.port = _free_port()
+        self.command = [sys.executable, "-m", "pneumoscan", "serve", "--port", str(self.port),
+                        "--workers", str(workers), "--threads", str(threads), "--backend", backend, *(extra or [])]
+        if model:
+            self.command += ["--model", str(model)]
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> "ServedApp":
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                        start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                connection.request("GET", "/readyz")
+                if connection.getresponse().status == 200:
+                    return self
+            except OSError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                raise RuntimeError("the server did not start:\n" + (self.process.stderr.read() or "")[-3000:])
+            time.sleep(0.5)
+
+    def __exit__(self, *exc) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+    def rss_mb(self) -> float:
+        return _tree_rss_mb(self.process.pid)
+
+    def describe(self) -> str:
+        return " ".join(self.command[2:])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="Kaggle-layout root: post real test X-rays (default: synthetic)")
@@ -140,55 +186,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="auto")
     args = parser.parse_args(argv)
 
-    port = _free_port()
-    command = [sys.executable, "-m", "pneumoscan", "serve", "--port", str(port), "--workers", str(args.workers),
-               "--threads", str(args.threads), "--backend", args.backend]
-    if args.model:
-        command += ["--model", str(args.model)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True, env=env)
-    peak = [0.0]
-    stop = threading.Event()
+    with ServedApp(model=args.model, workers=args.workers, threads=args.threads, backend=args.backend) as server:
+        peak = [server.rss_mb()]
+        stop = threading.Event()
 
-    def watch_memory() -> None:
-        while not stop.wait(0.5):
-            peak[0] = max(peak[0], _tree_rss_mb(server.pid))
+        def watch_memory() -> None:
+            while not stop.wait(0.5):
+                peak[0] = max(peak[0], server.rss_mb())
 
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                connection.request("GET", "/readyz")
-                if connection.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                print("the server did not start:\n" + (server.stderr.read() if server.poll() is not None else ""))
-                return 1
-            time.sleep(0.5)
         threading.Thread(target=watch_memory, daemon=True).start()
-        idle_rss = _tree_rss_mb(server.pid)
         payloads = [_multipart(name, data) for name, data in _images(args.data)]
-        print(f"server: {' '.join(command[2:])}; {len(payloads)} distinct images "
-              f"({'real test X-rays' if args.data else 'synthetic'}); idle RSS {idle_rss:.0f} MB")
+        print(f"server: {server.describe()}; {len(payloads)} distinct images "
+              f"({'real test X-rays' if args.data else 'synthetic'}); idle RSS {peak[0]:.0f} MB")
         header = f"{'clients':>7} {'requests':>9} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7}"
         print(header)
         print("-" * len(header))
         for clients in (int(c) for c in args.clients.split(",")):
-            r = run_level(port, payloads, clients, args.duration, args.max_requests, expect_ok=args.data is not None)
+            r = run_level(server.port, payloads, clients, args.duration, args.max_requests,
+                          expect_ok=args.data is not None)
             print(f"{r['clients']:>7} {r['requests']:>9} {r['rps']:>7.1f} {r['p50']:>8.1f} {r['p95']:>8.1f} "
                   f"{r['p99']:>8.1f} {r['errors']:>7} {' '.join(r['error_kinds'])}")
-        print(f"peak server RSS (master + workers): {peak[0]:.0f} MB")
-    finally:
         stop.set()
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        print(f"peak server RSS (master + workers): {peak[0]:.0f} MB")
     return 0
 
 
