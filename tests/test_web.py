@@ -139,6 +139,11 @@ def test_pneumoscan_serve_runs_gunicorn_and_answers(tiny_bundle: Path, xray_root
             except OSError:
                 assert server.poll() is None and time.monotonic() < deadline, "server did not start"
                 time.sleep(0.5)
+        # A slow-loris client: headers and a trickle of a large body, never finished. It holds one
+        # thread; everyone else is still served.
+        slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+        slow.sendall(b"POST /api/v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+                     b"boundary=zz\r\nContent-Length: 1000000\r\n\r\n--zz\r\n")
         image = next((xray_root / "test" / "NORMAL").iterdir())
         boundary = "pneumoscanboundary"
         body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{image.name}\"\r\n"
@@ -154,6 +159,7 @@ def test_pneumoscan_serve_runs_gunicorn_and_answers(tiny_bundle: Path, xray_root
             assert f'pneumoscan_predictions_total{{label="{result["label"]}",operating_point="balanced"}} 1.0' in metrics
         (line,) = audit_log.read_text().splitlines()
         assert json.loads(line)["image_sha256"] == result["image_sha256"]
+        slow.close()
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         output = server.communicate(timeout=30)[0]
