@@ -7,7 +7,7 @@ Starts its own server (gunicorn, the same command a user runs), waits for /ready
 concurrency level runs that many clients for ``--duration`` seconds (at most ``--max-requests``
 requests), each posting one image per request to /api/v1/predict over a kept-alive connection.
 Prints requests/s, latency p50/p95/p99, errors (anything but a 200 without a per-file error), and the
-server's peak resident memory (master and workers together), then stops the server.
+server's peak memory (proportional set size of master and workers together), then stops the server.
 """
 
 from __future__ import annotations
@@ -62,17 +62,20 @@ def _multipart(name: str, data: bytes) -> tuple[bytes, str]:
 
 
 def _tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and its children (gunicorn master + workers), in MB."""
+    """Memory of a process and its children (gunicorn master + workers), in MB.
+
+    Proportional set size: pages the forked workers share with the master (torch's libraries)
+    count once, split between them, instead of once per process as plain RSS would.
+    """
     total, pending = 0, [pid]
     while pending:
         current = pending.pop()
         try:
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
+            rollup = Path(f"/proc/{current}/smaps_rollup").read_text().splitlines()
+            total += next(int(line.split()[1]) for line in rollup if line.startswith("Pss:"))
             children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
             pending.extend(int(c) for c in children)
-        except OSError:
+        except (OSError, StopIteration):
             continue
     return total / 1024
 
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=watch_memory, daemon=True).start()
         payloads = [_multipart(name, data) for name, data in _images(args.data)]
         print(f"server: {server.describe()}; {len(payloads)} distinct images "
-              f"({'real test X-rays' if args.data else 'synthetic'}); idle RSS {peak[0]:.0f} MB")
+              f"({'real test X-rays' if args.data else 'synthetic'}); idle memory (PSS) {peak[0]:.0f} MB")
         header = f"{'clients':>7} {'requests':>9} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7}"
         print(header)
         print("-" * len(header))
@@ -207,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['clients']:>7} {r['requests']:>9} {r['rps']:>7.1f} {r['p50']:>8.1f} {r['p95']:>8.1f} "
                   f"{r['p99']:>8.1f} {r['errors']:>7} {' '.join(r['error_kinds'])}")
         stop.set()
-        print(f"peak server RSS (master + workers): {peak[0]:.0f} MB")
+        print(f"peak server memory (PSS, master + workers): {peak[0]:.0f} MB")
     return 0
 
 

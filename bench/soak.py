@@ -7,7 +7,8 @@ rotation, good X-rays (4 in 5 requests) and hostile ones: an empty file, random 
 truncated JPEG, a PNG declaring 50,000x50,000 pixels, an HTML page named .jpg, too many files,
 and a request without a file. Prints, per minute: requests, p99 of the good requests, 5xx count,
 wrong answers (a good X-ray with an error, a hostile request without its 4xx), and server
-RSS; then RSS growth from the first minute to the last. Goal: zero 5xx, RSS growth under 10%.
+memory (proportional set size of master and workers); then its growth from the first minute to
+the last. Goal: zero 5xx, memory growth under 10%.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             t.join()
         alive = server.process.poll() is None
 
-    header = f"{'minute':>6} {'requests':>9} {'good p99 ms':>12} {'5xx':>5} {'wrong':>6} {'RSS MB':>8}"
+    header = f"{'minute':>6} {'requests':>9} {'good p99 ms':>12} {'5xx':>5} {'wrong':>6} {'PSS MB':>8}"
     print(header)
     print("-" * len(header))
     for minute, row in sorted(tally.minutes.items()):
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     total = {key: sum(row[key] for row in tally.minutes.values()) for key in ("requests", "5xx", "wrong")}
     first, last = rss[min(rss)], rss[max(rss)]
     print(f"total: {total['requests']} requests, {total['5xx']} 5xx, {total['wrong']} wrong answers; "
-          f"server alive at the end: {alive}; RSS {first:.0f} -> {last:.0f} MB ({(last - first) / first:+.1%})")
+          f"server alive at the end: {alive}; memory (PSS) {first:.0f} -> {last:.0f} MB ({(last - first) / first:+.1%})")
     if tally.wrong_kinds:
         print("wrong answers (request -> HTTP status):", tally.wrong_kinds)
     return 0 if total["5xx"] == 0 and alive else 1
