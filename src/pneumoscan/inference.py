@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -209,10 +210,16 @@ class Predictor:
         cut, name = self.threshold_for(operating_point, threshold)
         if not images:
             return []
-        log_odds, features = self.forward(torch.stack([self.preprocess(im) for im in images]))
+        log_odds, features = self.forward(self._batch([self.preprocess(im) for im in images]))
         distances = self.gate.distances(features.numpy()) if self.gate is not None else [None] * len(images)
         return [Prediction(self.label_for(p, cut), p, cut, name, None if d is None else float(d))
                 for p, d in zip((self.calibrate(z) for z in log_odds), distances)]
+
+    @staticmethod
+    def _batch(pixels: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Stack ``1 x S x S`` tensors into a batch with numpy, so that the ONNX Runtime path never
+        starts torch's own thread pool beside ONNX Runtime's on a small CPU."""
+        return torch.from_numpy(np.stack([p.numpy() for p in pixels]))
 
     def is_out_of_distribution(self, prediction: Prediction) -> bool:
         """True when the bundle has a feature gate and the image lies beyond its threshold."""
@@ -251,7 +258,7 @@ class Predictor:
         pending: list[tuple[int, torch.Tensor]] = []
 
         def flush() -> None:
-            for (i, _), z in zip(pending, self.log_odds(torch.stack([px for _, px in pending]))):
+            for (i, _), z in zip(pending, self.log_odds(self._batch([px for _, px in pending]))):
                 p = self.calibrate(z)
                 outcomes[i] = PathOutcome(str(paths[i]), self.label_for(p, threshold), p, z)
             pending.clear()
