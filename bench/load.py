@@ -1,7 +1,7 @@
 """Load test: ``pneumoscan serve`` on 127.0.0.1, concurrent clients posting X-rays, bounded in time.
 
     python bench/load.py [--data ../shared/data/chest_xray] [--duration 60] [--clients 8,32]
-                         [--workers 1] [--threads 8] [--model BUNDLE]
+                         [--workers N] [--threads 8] [--model BUNDLE]
 
 Starts its own server (gunicorn, the same command a user runs), waits for /readyz, then for each
 concurrency level runs that many clients for ``--duration`` seconds (at most ``--max-requests``
@@ -135,11 +135,13 @@ def run_level(port: int, payloads, clients: int, duration: float, max_requests: 
 class ServedApp:
     """``pneumoscan serve`` on a free loopback port, from /readyz to SIGTERM (a context manager)."""
 
-    def __init__(self, *, model: Path | None = None, workers: int = 1, threads: int = 8, backend: str = "auto",
-                 extra: list[str] | None = None) -> None:
+    def __init__(self, *, model: Path | None = None, workers: int | None = None, threads: int = 8,
+                 backend: str = "auto", extra: list[str] | None = None) -> None:
         self.port = _free_port()
         self.command = [sys.executable, "-m", "pneumoscan", "serve", "--port", str(self.port),
-                        "--workers", str(workers), "--threads", str(threads), "--backend", backend, *(extra or [])]
+                        "--threads", str(threads), "--backend", backend, *(extra or [])]
+        if workers is not None:
+            self.command += ["--workers", str(workers)]
         if model:
             self.command += ["--model", str(model)]
         self.process: subprocess.Popen | None = None
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds per concurrency level")
     parser.add_argument("--clients", default="8,32", help="concurrency levels, comma-separated")
     parser.add_argument("--max-requests", type=int, default=20000, help="cap per level")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, help="gunicorn workers (default: serve's, one per core)")
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--backend", default="auto")
     args = parser.parse_args(argv)

@@ -278,7 +278,8 @@ def serve(
         "--model", envvar="PNEUMOSCAN_MODEL_DIR", help="Model bundle directory (default: the bundled model).")] = None,
     host: Annotated[str, typer.Option(envvar="PNEUMOSCAN_HOST")] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar="PNEUMOSCAN_PORT")] = 8000,
-    workers: Annotated[int, typer.Option(envvar="PNEUMOSCAN_WORKERS", help="gunicorn worker processes.")] = 1,
+    workers: Annotated[Optional[int], typer.Option(
+        envvar="PNEUMOSCAN_WORKERS", help="gunicorn worker processes (default: one per core, at most 4).")] = None,
     threads: Annotated[int, typer.Option(envvar="PNEUMOSCAN_THREADS", help="Threads per worker.")] = 4,
     timeout: Annotated[int, typer.Option(envvar="PNEUMOSCAN_TIMEOUT", help="Seconds before a stuck worker is restarted.")] = 120,
     max_upload_mb: Annotated[Optional[int], typer.Option(

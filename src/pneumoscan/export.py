@@ -63,14 +63,19 @@ def export_onnx(model: Classifier, spec: BundleSpec, path: Path) -> None:
                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
+def usable_cores() -> int:
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_threads() -> int:
-    """Cores this process may use (``PNEUMOSCAN_INFERENCE_THREADS`` overrides)."""
+    """ONNX Runtime's threads: ``PNEUMOSCAN_INFERENCE_THREADS``, else every usable core."""
     configured = os.environ.get("PNEUMOSCAN_INFERENCE_THREADS")
     if configured:
         if not configured.isdigit() or int(configured) < 1:
             raise ConfigError(f"PNEUMOSCAN_INFERENCE_THREADS must be a positive whole number, got {configured!r}")
         return int(configured)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return usable_cores()
 
 
 class OnnxRunner:

@@ -37,7 +37,7 @@ def _worker_exit(server, worker) -> None:
     multiprocess.mark_process_dead(worker.pid)
 
 
-def run_gunicorn(*, model_dir: Path | None, host: str, port: int, workers: int, threads: int,
+def run_gunicorn(*, model_dir: Path | None, host: str, port: int, workers: int | None, threads: int,
                  timeout: int = 120, settings: dict[str, Any] | None = None) -> None:
     """Check the bundle and settings, then serve ``create_app()`` with gunicorn on ``host:port``.
 
@@ -49,22 +49,28 @@ def run_gunicorn(*, model_dir: Path | None, host: str, port: int, workers: int, 
         ConfigError: a setting is invalid.
     """
     from pneumoscan.errors import ConfigError
+    from pneumoscan.export import usable_cores
     from pneumoscan.web.audit import AuditLog
     from pneumoscan.web.config import load_config
 
+    cores = usable_cores()
+    workers = workers if workers is not None else min(cores, 4)
     for name, value in (("--workers", workers), ("--threads", threads), ("--timeout", timeout)):
         if value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}")
     bundle = model_dir or default_bundle_path()
-    # Fail here, with a clear message, rather than inside every worker. No torch computation in
-    # the master: OpenMP threads started before gunicorn forks would deadlock the workers.
     os.environ["PNEUMOSCAN_MODEL_DIR"] = str(bundle)
+    # Workers share the cores: each one's ONNX Runtime gets its part (2 workers x 1 thread served
+    # 81 requests/s on 2 cores where 1 worker x 2 threads served 47, bench/load.py).
+    os.environ.setdefault("PNEUMOSCAN_INFERENCE_THREADS", str(max(1, cores // workers)))
     for key, value in (settings or {}).items():
         os.environ[f"PNEUMOSCAN_{key}"] = str(value)
     if not os.environ.get("PNEUMOSCAN_SECRET_KEY"):
         # One random key for all workers: a form served by one worker must validate on another.
         os.environ["PNEUMOSCAN_SECRET_KEY"] = secrets.token_hex(32)
     config = load_config()
+    # Fail here, with a clear message, rather than inside every worker. No torch computation in
+    # the master: OpenMP threads started before gunicorn forks would deadlock the workers.
     verify_bundle(bundle, check_onnx=not config["ALLOW_TORCH_FALLBACK"])
     if config["AUDIT_LOG"]:
         AuditLog(config["AUDIT_LOG"])  # an unwritable path fails now, not in every worker
