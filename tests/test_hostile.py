@@ -196,3 +196,13 @@ def test_a_large_upload_stays_in_memory(hostile_app, no_disk_writes) -> None:
     assert len(big) > 1024 * 1024
     response = _post(hostile_app.test_client(), [("big.jpg", big)])
     assert response.status_code == 200 and response.get_json()["results"][0]["status"] in ("ok", "rejected")
+
+
+def test_an_upload_that_outlasts_the_request_timeout_gets_408(tiny_bundle: Path) -> None:
+    from pneumoscan.web import create_app
+
+    app = create_app({"TESTING": True, "MODEL_DIR": str(tiny_bundle), "REQUEST_TIMEOUT": 1e-9})
+    response = _post(app.test_client(), [("x.jpg", GOOD)])
+    assert response.status_code == 408 and response.get_json()["error"]["code"] == "request_timeout"
+    assert response.headers["Connection"] == "close"
+    # the real server's slow-loris case: tests/test_web.py::test_pneumoscan_serve_runs_gunicorn_and_answers

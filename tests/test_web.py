@@ -126,7 +126,7 @@ def test_pneumoscan_serve_runs_gunicorn_and_answers(tiny_bundle: Path, xray_root
     audit_log = tmp_path / "audit" / "audit.jsonl"
     server = subprocess.Popen(
         [sys.executable, "-m", "pneumoscan", "serve", "--model", str(tiny_bundle), "--port", str(port),
-         "--workers", "2", "--threads", "2", "--audit-log", str(audit_log)],
+         "--workers", "2", "--threads", "2", "--audit-log", str(audit_log), "--request-timeout", "3"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         env={key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_DIR"})
     try:
@@ -140,8 +140,9 @@ def test_pneumoscan_serve_runs_gunicorn_and_answers(tiny_bundle: Path, xray_root
                 assert server.poll() is None and time.monotonic() < deadline, "server did not start"
                 time.sleep(0.5)
         # A slow-loris client: headers and a trickle of a large body, never finished. It holds one
-        # thread; everyone else is still served.
+        # thread until the 3-second upload deadline; everyone else is still served meanwhile.
         slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+        slow_started = time.monotonic()
         slow.sendall(b"POST /api/v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
                      b"boundary=zz\r\nContent-Length: 1000000\r\n\r\n--zz\r\n")
         image = next((xray_root / "test" / "NORMAL").iterdir())
@@ -159,6 +160,9 @@ def test_pneumoscan_serve_runs_gunicorn_and_answers(tiny_bundle: Path, xray_root
             assert f'pneumoscan_predictions_total{{label="{result["label"]}",operating_point="balanced"}} 1.0' in metrics
         (line,) = audit_log.read_text().splitlines()
         assert json.loads(line)["image_sha256"] == result["image_sha256"]
+        answer = slow.recv(4096).decode(errors="replace")  # arrives once the deadline has passed
+        assert answer.startswith("HTTP/1.1 408") and "request_timeout" in answer
+        assert 2.5 < time.monotonic() - slow_started < 30
         slow.close()
     finally:
         os.killpg(server.pid, signal.SIGTERM)

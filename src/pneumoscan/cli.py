@@ -282,6 +282,8 @@ def serve(
         envvar="PNEUMOSCAN_WORKERS", help="gunicorn worker processes (default: one per core, at most 4).")] = None,
     threads: Annotated[int, typer.Option(envvar="PNEUMOSCAN_THREADS", help="Threads per worker.")] = 4,
     timeout: Annotated[int, typer.Option(envvar="PNEUMOSCAN_TIMEOUT", help="Seconds before a stuck worker is restarted.")] = 120,
+    request_timeout: Annotated[Optional[float], typer.Option(
+        help="Seconds to receive a request's body before answering 408 (default 30; env PNEUMOSCAN_REQUEST_TIMEOUT).")] = None,
     max_upload_mb: Annotated[Optional[int], typer.Option(
         help="Largest request body in MB (default 20; env PNEUMOSCAN_MAX_CONTENT_LENGTH in bytes).")] = None,
     max_files: Annotated[Optional[int], typer.Option(
@@ -298,6 +300,7 @@ def serve(
 
     settings = {"MAX_CONTENT_LENGTH": max_upload_mb * 1024 * 1024 if max_upload_mb is not None else None,
                 "MAX_FILES": max_files, "AUDIT_LOG": str(audit_log) if audit_log else None,
+                "REQUEST_TIMEOUT": request_timeout,
                 "BACKEND": backend, "ALLOW_TORCH_FALLBACK": "true" if allow_torch_fallback else "false"}
     run_gunicorn(model_dir=model, host=host, port=port, workers=workers, threads=threads, timeout=timeout,
                  settings={key: value for key, value in settings.items() if value is not None})

@@ -21,6 +21,7 @@ from pneumoscan.errors import PneumoscanError
 from pneumoscan.inference import Predictor
 from pneumoscan.web.audit import AuditLog
 from pneumoscan.web.config import load_config
+from pneumoscan.web.deadline import install_upload_deadline
 from pneumoscan.web.metrics import install_metrics
 from pneumoscan.web.security import install_security
 
@@ -37,6 +38,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app = Flask(__name__)
     app.config.update(load_config(test_config))
     _register_request_ids(app)  # first: every later hook and error has the id
+    install_upload_deadline(app)
     # werkzeug stops parsing beyond this many parts: 10,000 tiny files cost nothing to refuse
     app.config["MAX_FORM_PARTS"] = app.config["MAX_FILES"] + 8
     app.request_class = InMemoryRequest

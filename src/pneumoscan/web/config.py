@@ -16,6 +16,7 @@ DEFAULTS: dict[str, Any] = {
     "MODEL_DIR": None,  # None: the bundled default model
     "MAX_CONTENT_LENGTH": 20 * 1024 * 1024,  # bytes per request
     "MAX_FILES": 32,  # files per request
+    "REQUEST_TIMEOUT": 30,  # seconds to receive a request's body (slow uploads get a 408)
     "AUDIT_LOG": None,  # path of the JSON-lines audit log; None: no audit log
     "BACKEND": "auto",  # auto (ONNX Runtime when the bundle has an ONNX model), onnxruntime or torch
     "ALLOW_TORCH_FALLBACK": False,  # a tampered/unusable ONNX file: PyTorch with a warning, not an error
@@ -42,6 +43,9 @@ def load_config(test_config: Mapping[str, Any] | None = None) -> Config:
         value = config[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"PNEUMOSCAN_{key} must be a positive whole number, got {value!r}")
+    timeout = config["REQUEST_TIMEOUT"]
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ConfigError(f"PNEUMOSCAN_REQUEST_TIMEOUT must be a positive number of seconds, got {timeout!r}")
     if config["RATE_LIMIT"]:
         from limits import parse_many
 
