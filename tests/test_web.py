@@ -160,8 +160,11 @@ def test_pneumoscan_serve_runs_gunicorn_and_answers(tiny_bundle: Path, xray_root
             assert f'pneumoscan_predictions_total{{label="{result["label"]}",operating_point="balanced"}} 1.0' in metrics
         (line,) = audit_log.read_text().splitlines()
         assert json.loads(line)["image_sha256"] == result["image_sha256"]
-        answer = slow.recv(4096).decode(errors="replace")  # arrives once the deadline has passed
-        assert answer.startswith("HTTP/1.1 408") and "request_timeout" in answer
+        chunks = []  # the answer arrives once the deadline has passed; then the server closes
+        while chunk := slow.recv(4096):
+            chunks.append(chunk)
+        answer = b"".join(chunks).decode(errors="replace")
+        assert answer.startswith("HTTP/1.1 408") and '"request_timeout"' in answer
         assert 2.5 < time.monotonic() - slow_started < 30
         slow.close()
     finally:

@@ -8,6 +8,7 @@ request began; the total time to receive an upload is bounded, not just the gap 
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any
 
@@ -70,5 +71,13 @@ def install_upload_deadline(app: Flask) -> None:
         if sock is not None:
             sock.settimeout(None)  # gunicorn owns the socket again (keep-alive)
         if response.status_code == 408:
-            response.headers["Connection"] = "close"  # the rest of the body is still in flight
+            # The rest of the body may still be in flight: the connection must not be reused.
+            # gunicorn drops a Connection header set by the app, so stop reading from the socket
+            # instead; gunicorn sends this response, sees the end of input, and closes.
+            response.headers["Connection"] = "close"
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
         return response
