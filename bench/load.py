@@ -80,6 +80,28 @@ def _tree_rss_mb(pid: int) -> float:
     return total / 1024
 
 
+class PredictClient:
+    """A kept-alive connection posting to /api/v1/predict; it reconnects after a failure."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def post(self, body: bytes, content_type: str) -> tuple[int, bytes, str]:
+        """``(HTTP status, response body, "")``, or ``(0, b"", exception name)`` when the request failed."""
+        try:
+            self.connection.request("POST", "/api/v1/predict", body=body, headers={"Content-Type": content_type})
+            response = self.connection.getresponse()
+            return response.status, response.read(), ""
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+            return 0, b"", type(exc).__name__
+
+    def close(self) -> None:
+        self.connection.close()
+
+
 class _Client(threading.Thread):
     def __init__(self, port: int, payloads: list[tuple[bytes, str]], deadline: float, budget: list[int],
                  lock: threading.Lock, expect_ok: bool) -> None:
@@ -90,7 +112,7 @@ class _Client(threading.Thread):
         self.errors: list[str] = []
 
     def run(self) -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        client = PredictClient(self.port)
         i = self.ident or 0
         while time.monotonic() < self.deadline:
             with self.lock:
@@ -100,19 +122,15 @@ class _Client(threading.Thread):
             body, content_type = self.payloads[i % len(self.payloads)]
             i += 1
             started = time.perf_counter()
-            try:
-                connection.request("POST", "/api/v1/predict", body=body, headers={"Content-Type": content_type})
-                response = connection.getresponse()
-                text = response.read()
-                self.latencies.append(time.perf_counter() - started)
-                # a prediction or a gate rejection is an answer; an error status is not
-                if response.status != 200 or (self.expect_ok and b'"status":"error"' in text):
-                    self.errors.append(f"HTTP {response.status}")
-            except (OSError, http.client.HTTPException) as exc:
-                self.errors.append(type(exc).__name__)
-                connection.close()
-                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        connection.close()
+            status, text, failure = client.post(body, content_type)
+            if failure:
+                self.errors.append(failure)
+                continue
+            self.latencies.append(time.perf_counter() - started)
+            # a prediction or a gate rejection is an answer; an error status is not
+            if status != 200 or (self.expect_ok and b'"status":"error"' in text):
+                self.errors.append(f"HTTP {status}")
+        client.close()
 
 
 def run_level(port: int, payloads, clients: int, duration: float, max_requests: int, expect_ok: bool) -> dict:

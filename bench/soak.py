@@ -14,7 +14,6 @@ the last. Goal: zero 5xx, memory growth under 10%.
 from __future__ import annotations
 
 import argparse
-import http.client
 import struct
 import sys
 import threading
@@ -23,7 +22,7 @@ import uuid
 import zlib
 from pathlib import Path
 
-from load import ServedApp, _images, _multipart
+from load import PredictClient, ServedApp, _images, _multipart
 
 
 def _png_bomb() -> bytes:
@@ -80,7 +79,7 @@ class Tally:
 
 def client(port: int, good: list[tuple[bytes, str]], hostile, started: float, deadline: float, tally: Tally,
            offset: int) -> None:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection = PredictClient(port)
     i = offset
     while time.monotonic() < deadline:
         if i % 5 == 4:
@@ -89,15 +88,7 @@ def client(port: int, good: list[tuple[bytes, str]], hostile, started: float, de
             label, (body, content_type), expected = "good", good[i % len(good)], 200
         i += 1
         t0 = time.perf_counter()
-        try:
-            connection.request("POST", "/api/v1/predict", body=body, headers={"Content-Type": content_type})
-            response = connection.getresponse()
-            text = response.read()
-            status = response.status
-        except (OSError, http.client.HTTPException):
-            status, text = 0, b""
-            connection.close()
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        status, text, _ = connection.post(body, content_type)
         # a good X-ray gets a prediction, or (rarely: 0.6% of test X-rays) a gate rejection; never an error
         correct = status == expected and (label != "good" or b'"status":"error"' not in text)
         tally.add(int((time.monotonic() - started) // 60), label=label,

@@ -106,7 +106,7 @@ def predict_uploads(*, layers: bool = False) -> list[dict[str, Any]]:
         }
         if explain:
             explanation = model.explain(image)
-            square = image.resize((model.spec.input_size,) * 2, Image.Resampling.BILINEAR)
+            square = Image.fromarray(model.preprocess(image)[0].numpy())  # exactly what the model saw
             if layers:
                 result["xray_png"] = _png_base64(square)
                 result["heatmap_png"] = _png_base64(heatmap(explanation.cam, square.size))
