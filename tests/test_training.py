@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,33 @@ def test_bad_config_values(xray_root: Path, tmp_path: Path) -> None:
         train(TrainConfig(data=xray_root, out=tmp_path, backbone="alexnet9"))
     with pytest.raises(ConfigError, match="--epochs"):
         train(TrainConfig(data=xray_root, out=tmp_path, epochs=0))
+    with pytest.raises(ConfigError, match="--class-balance"):
+        train(TrainConfig(data=xray_root, out=tmp_path, class_balance="oversample"))
+
+
+def test_balanced_sampling_draws_each_class_equally_often(xray_root: Path, tmp_path: Path) -> None:
+    from pneumoscan.data import class_counts
+    from pneumoscan.training.datamodule import ChestXrayDataModule
+
+    # 4 NORMAL against 16 PNEUMONIA training images
+    root = tmp_path / "imbalanced"
+    shutil.copytree(xray_root, root)
+    for path in sorted((root / "train" / "NORMAL").iterdir())[4:]:
+        path.unlink()
+    datamodule = ChestXrayDataModule(root, input_size=TEST_INPUT, val_fraction=0.25, batch_size=4,
+                                     balanced_sampling=True)
+    datamodule.setup("fit")
+    assert datamodule.split is not None
+    normal, pneumonia = class_counts(datamodule.split.train)
+    assert pneumonia >= 3 * normal  # the pool really is imbalanced
+    loader = datamodule.train_dataloader()
+    labels = [int(y) for _ in range(40) for _, batch_labels in loader for y in batch_labels]
+    assert len(labels) == 40 * (normal + pneumonia)  # an epoch keeps the training set's size
+    assert 0.42 < labels.count(0) / len(labels) < 0.58  # without balancing it would be ~0.2
+    plain = ChestXrayDataModule(root, input_size=TEST_INPUT, val_fraction=0.25, batch_size=4)
+    plain.setup("fit")
+    plain_labels = [int(y) for _, batch_labels in plain.train_dataloader() for y in batch_labels]
+    assert plain_labels.count(0) == normal  # the default loader draws each image once
 
 
 def test_resume_continues_from_the_last_checkpoint(xray_root: Path, tmp_path: Path) -> None:

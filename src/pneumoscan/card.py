@@ -66,7 +66,7 @@ def model_card(spec: BundleSpec) -> dict[str, Any]:
             "split_manifest_sha256": spec.split_manifest_sha256,
             "recipe": {key: training[key] for key in ("backbone", "weights", "epochs", "frozen_epochs",
                                                       "finetune_blocks", "lr", "batch_size", "augmentation",
-                                                      "class_weighting", "best_checkpoint", "fit_seconds")
+                                                      "class_weighting", "class_balance", "best_checkpoint", "fit_seconds")
                        if key in training},
         },
         "decision": {"default_operating_point": spec.default_operating_point, "threshold": spec.threshold,

@@ -64,7 +64,7 @@ def train(
     blur_sigma: Annotated[float, typer.Option(help="Augmentation: Gaussian blur up to this sigma on half the images (0 = off).")] = 0.0,
     hflip: Annotated[bool, typer.Option("--hflip/--no-hflip")] = True,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="Switch all augmentation off.")] = False,
-    class_weighting: Annotated[bool, typer.Option("--class-weighting/--no-class-weighting")] = True,
+    class_balance: Annotated[str, typer.Option(help="Class balancing: weights (inverse-frequency loss weights), sampling (each class drawn equally often) or none.")] = "weights",
     num_workers: int = 0,
     accelerator: str = "auto",
     devices: Annotated[str, typer.Option(help="Lightning devices: auto, a count, or ids.")] = "auto",
@@ -88,7 +88,7 @@ def train(
         dropout=dropout, epochs=epochs, frozen_epochs=frozen_epochs, finetune_blocks=finetune_blocks,
         lr=lr, finetune_lr_factor=finetune_lr_factor, weight_decay=weight_decay,
         batch_size=batch_size, val_fraction=val_fraction, seed=seed, patience=patience,
-        augmentation=augmentation, class_weighting=class_weighting, num_workers=num_workers,
+        augmentation=augmentation, class_balance=class_balance, num_workers=num_workers,
         accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
         precision=precision, resume=resume, half_bundle=not fp32_bundle,
         limit_train_batches=int(limit_train_batches) if limit_train_batches > 1 else limit_train_batches)

@@ -6,7 +6,8 @@ import logging
 from pathlib import Path
 
 import lightning.pytorch as pl
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Sampler, WeightedRandomSampler
 
 from pneumoscan.errors import DatasetError
 from pneumoscan.data import (
@@ -31,7 +32,8 @@ class ChestXrayDataModule(pl.LightningDataModule):
 
     def __init__(self, root: str | Path, *, input_size: int = 224,
                  augmentation: Augmentation = Augmentation(), batch_size: int = 32,
-                 num_workers: int = 0, val_fraction: float = 0.1, seed: int = 0) -> None:
+                 num_workers: int = 0, val_fraction: float = 0.1, seed: int = 0,
+                 balanced_sampling: bool = False) -> None:
         super().__init__()
         self.root = Path(root)
         self.input_size = input_size
@@ -40,6 +42,9 @@ class ChestXrayDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.val_fraction = val_fraction
         self.seed = seed
+        # Draw each class equally often (with replacement) instead of weighting the loss: the
+        # network then sees the minority class's variety as often as the majority's.
+        self.balanced_sampling = balanced_sampling
         self.split: Split | None = None
         self.train_set: XrayDataset | None = None
         self.val_set: XrayDataset | None = None
@@ -66,14 +71,26 @@ class ChestXrayDataModule(pl.LightningDataModule):
         total = sum(counts)
         return tuple(total / (len(counts) * max(c, 1)) for c in counts)  # type: ignore[return-value]
 
-    def _loader(self, dataset: XrayDataset, *, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers,
+    def balanced_sampler(self) -> WeightedRandomSampler:
+        """Samples each class with equal probability; an epoch keeps the training set's size."""
+        assert self.split is not None, "call setup() first"
+        counts = class_counts(self.split.train)
+        weights = torch.tensor([1.0 / max(counts[s.label], 1) for s in self.split.train],
+                               dtype=torch.double)
+        generator = torch.Generator().manual_seed(self.seed)
+        return WeightedRandomSampler(weights, num_samples=len(weights), replacement=True,
+                                     generator=generator)
+
+    def _loader(self, dataset: XrayDataset, *, shuffle: bool,
+                sampler: Sampler | None = None) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle and sampler is None,
+                          sampler=sampler, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None
-        return self._loader(self.train_set, shuffle=True)
+        sampler = self.balanced_sampler() if self.balanced_sampling else None
+        return self._loader(self.train_set, shuffle=True, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None

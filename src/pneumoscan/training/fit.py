@@ -28,6 +28,8 @@ from pneumoscan.training.module import PneumoniaClassifier
 
 log = logging.getLogger(__name__)
 
+CLASS_BALANCE_CHOICES = ("weights", "sampling", "none")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -51,7 +53,7 @@ class TrainConfig:
     seed: int = 0
     patience: int = 3
     augmentation: Augmentation = field(default_factory=Augmentation)
-    class_weighting: bool = True
+    class_balance: str = "weights"  # weights (loss), sampling (equal draws) or none
     num_workers: int = 0
     accelerator: str = "auto"
     devices: str = "auto"
@@ -73,6 +75,9 @@ class TrainConfig:
             (self.lr > 0, f"--lr must be positive, got {self.lr}"),
             (0 < self.val_fraction < 1, f"--val-fraction must be in (0, 1), got {self.val_fraction}"),
             (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
+            (self.class_balance in CLASS_BALANCE_CHOICES,
+             f"--class-balance must be one of {', '.join(CLASS_BALANCE_CHOICES)}, "
+             f"got {self.class_balance!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -109,13 +114,14 @@ def train(config: TrainConfig) -> Path | None:
     datamodule = ChestXrayDataModule(
         config.data, input_size=config.input_size, augmentation=config.augmentation,
         batch_size=config.batch_size, num_workers=config.num_workers,
-        val_fraction=config.val_fraction, seed=config.seed)
+        val_fraction=config.val_fraction, seed=config.seed,
+        balanced_sampling=config.class_balance == "sampling")
     datamodule.setup("fit")
     net = create_classifier(config.backbone, weights=config.weights, head=config.head,
                             input_size=config.input_size, dropout=config.dropout)
     module = PneumoniaClassifier(
         net, mean=info.mean, std=info.std, lr=config.lr, weight_decay=config.weight_decay,
-        class_weights=datamodule.class_weights() if config.class_weighting else None)
+        class_weights=datamodule.class_weights() if config.class_balance == "weights" else None)
 
     best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best-{epoch}", monitor="val_loss",
                            mode="min", save_top_k=1)
