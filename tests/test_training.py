@@ -183,3 +183,26 @@ def test_sigkill_mid_epoch_then_resume_loses_at_most_one_epoch(tmp_path: Path) -
     assert resumed_epochs == list(range(completed, 3))  # only the interrupted epoch is run again
     assert load_bundle(out / "bundle")[1].training["resume"] is True
     assert not list((out / "checkpoints").glob(".*.partial"))
+
+
+def test_validation_loss_is_weighted_for_the_class_balance_trained_for() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from pneumoscan.models import backbone_info, create_classifier
+    from pneumoscan.training.module import PneumoniaClassifier
+
+    info = backbone_info("efficientnet_lite0")
+    net = create_classifier("efficientnet_lite0", weights="none", input_size=TEST_INPUT)
+    weighted = PneumoniaClassifier(net, mean=info.mean, std=info.std, class_weights=(2.0, 0.5))
+    assert weighted.val_class_weights.tolist() == [2.0, 0.5]  # loss weights: same for validation
+    # balanced sampling: unweighted training loss, validation loss still under the balanced prior
+    sampled = PneumoniaClassifier(net, mean=info.mean, std=info.std, val_class_weights=(2.0, 0.5))
+    assert sampled.class_weights.tolist() == [1.0, 1.0]
+    net.eval()
+    x = torch.randn(6, 3, TEST_INPUT, TEST_INPUT)
+    y = torch.tensor([0, 1, 1, 1, 1, 1])
+    loss, _, _ = sampled._step((x, y), weight=sampled.val_class_weights)
+    expected = F.cross_entropy(net(x), y, weight=torch.tensor([2.0, 0.5]))
+    assert torch.allclose(loss, expected)
+    assert not torch.allclose(loss, F.cross_entropy(net(x), y))

@@ -121,7 +121,8 @@ def train(config: TrainConfig) -> Path | None:
                             input_size=config.input_size, dropout=config.dropout)
     module = PneumoniaClassifier(
         net, mean=info.mean, std=info.std, lr=config.lr, weight_decay=config.weight_decay,
-        class_weights=datamodule.class_weights() if config.class_balance == "weights" else None)
+        class_weights=datamodule.class_weights() if config.class_balance == "weights" else None,
+        val_class_weights=datamodule.class_weights() if config.class_balance != "none" else None)
 
     best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best-{epoch}", monitor="val_loss",
                            mode="min", save_top_k=1)

@@ -22,12 +22,20 @@ class PneumoniaClassifier(pl.LightningModule):
 
     def __init__(self, net: Classifier, *, mean: tuple[float, float, float],
                  std: tuple[float, float, float], lr: float = 1e-3, weight_decay: float = 1e-4,
-                 class_weights: tuple[float, float] | None = None, plateau_patience: int = 1,
+                 class_weights: tuple[float, float] | None = None,
+                 val_class_weights: tuple[float, float] | None = None, plateau_patience: int = 1,
                  plateau_factor: float = 0.3) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
         self.net = net
         self.register_buffer("class_weights", torch.tensor(class_weights or (1.0, 1.0)),
+                             persistent=False)
+        # Validation loss is measured under the class balance the network is trained for: with
+        # balanced sampling the training loss is unweighted, yet an unweighted validation loss on
+        # the imbalanced split would reward the prior rather than the ranking, and would pick the
+        # wrong epoch. Defaults to the training weights.
+        self.register_buffer("val_class_weights",
+                             torch.tensor(val_class_weights or class_weights or (1.0, 1.0)),
                              persistent=False)
         self.train_acc = BinaryAccuracy()
         self.val_acc = BinaryAccuracy()
@@ -40,21 +48,22 @@ class PneumoniaClassifier(pl.LightningModule):
         pixels, labels = batch
         return normalize(pixels, self.hparams.mean, self.hparams.std), labels
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], *,
+              weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y, weight=self.class_weights)
+        loss = F.cross_entropy(logits, y, weight=weight)
         return loss, logits.softmax(dim=1)[:, 1], y
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, prob, y = self._step(batch)
+        loss, prob, y = self._step(batch, weight=self.class_weights)
         self.train_acc(prob, y)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        loss, prob, y = self._step(batch)
+        loss, prob, y = self._step(batch, weight=self.val_class_weights)
         self.val_acc(prob, y)
         self.val_auroc(prob, y)
         self.log("val_loss", loss, prog_bar=True, on_epoch=True, sync_dist=True)
