@@ -91,3 +91,19 @@ def test_feature_gate_fits_on_the_bundles_split_and_refuses_strangers(tiny_bundl
     with pytest.raises(BundleError, match="gate.safetensors"):
         Predictor.from_bundle(tmp_path / "gated")
     assert json.loads((tmp_path / "gated" / "model.json").read_text())["gate"]["quantile"] == 0.995
+    # every new gate is measured on the synthetic documents and screenshots, and says when it is weak
+    synthetic = spec.gate["synthetic_non_xrays"]
+    assert synthetic["n"] == 80 and 0 <= synthetic["refused"] <= 80
+    assert f"refuses {synthetic['refused']} of 80 synthetic" in result.output
+    assert ("warning: this gate refuses fewer than 99%" in result.output) == (synthetic["refused"] < 79.2)
+
+
+def test_synthetic_non_xrays_are_deterministic_and_pass_every_image_check() -> None:
+    from pneumoscan.data import decode_image
+    from pneumoscan.nonxray import synthetic_non_xrays
+
+    first = synthetic_non_xrays()
+    assert len(first) == 80 and first == synthetic_non_xrays()
+    assert {name.split("/")[0] for name in first} == {"document", "screenshot"}
+    # only the feature gate can refuse them, which is why they measure it
+    assert all(image_reasons(decode_image(data)) == [] for data in first.values())

@@ -76,7 +76,8 @@ def model_card(spec: BundleSpec) -> dict[str, Any]:
                         **{key: calibration[key] for key in ("ece_15_before", "ece_15_after",
                                                              "brier_before", "brier_after", "n")
                            if key in calibration}},
-        "input_gate": {key: spec.gate[key] for key in ("method", "threshold", "quantile", "n_train", "n_val")
+        "input_gate": {key: spec.gate[key] for key in ("method", "threshold", "quantile", "n_train", "n_val",
+                                                          "synthetic_non_xrays")
                        if key in spec.gate},
         "metrics": metrics,
     }

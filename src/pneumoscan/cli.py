@@ -161,6 +161,12 @@ def fit_gate(
     info = fit_bundle_gate(model, data, out, quantile=quantile)
     typer.echo(f"gate threshold {info['threshold']:.3f} ({info['quantile']:.1%} of {info['n_val']} validation "
                f"images, statistics from {info['n_train']} training images); bundle written to {out}")
+    synthetic = info["synthetic_non_xrays"]
+    typer.echo(f"refuses {synthetic['refused']} of {synthetic['n']} synthetic documents and screenshots")
+    if synthetic["refused"] < synthetic["target"] * synthetic["n"]:
+        typer.echo(f"warning: this gate refuses fewer than {synthetic['target']:.0%} of the synthetic "
+                   "non-X-rays; this network's features do not separate them from X-rays (run "
+                   "bench/gate.py for the full measurement)", err=True)
 
 
 @app.command()
