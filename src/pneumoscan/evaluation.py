@@ -576,26 +576,23 @@ def record_evaluation(bundle_dir: Path | None, metrics: dict) -> None:
 SYNTHETIC_REFUSAL_TARGET = 0.99
 
 
-def synthetic_refusals(predictor, gate) -> dict:
-    """How many of :mod:`pneumoscan.nonxray`'s documents and screenshots ``gate`` refuses.
+def synthetic_refusals(predictor) -> dict:
+    """How many of :mod:`pneumoscan.nonxray`'s documents and screenshots ``predictor`` refuses,
+    through the same image checks and feature gate as the web app.
 
     They pass every image check, so this measures the feature gate alone. A gate is only as good
     as the features it is fitted on: fine-tuning recipes that make the network invariant to
     contrast or blur also made documents look like X-rays to it (39% refused instead of 99%),
     so every new gate is measured here before it ships.
     """
-    import torch
-
     from pneumoscan.data import decode_image
     from pneumoscan.gate import image_reasons
     from pneumoscan.nonxray import synthetic_non_xrays
 
     images = [decode_image(data) for data in synthetic_non_xrays().values()]
-    by_checks = [bool(image_reasons(image)) for image in images]
-    features = predictor.forward(torch.stack([predictor.preprocess(image) for image in images]))[1].numpy()
-    by_gate = gate.distances(features) > gate.threshold
-    refused = int(sum(a or bool(b) for a, b in zip(by_checks, by_gate)))
-    return {"n": len(images), "refused": refused, "target": SYNTHETIC_REFUSAL_TARGET}
+    refused = sum(bool(image_reasons(image)) or predictor.is_out_of_distribution(prediction)
+                  for image, prediction in zip(images, predictor.predict_images(images)))
+    return {"n": len(images), "refused": int(refused), "target": SYNTHETIC_REFUSAL_TARGET}
 
 
 def fit_bundle_gate(bundle_dir: Path | None, data_root: Path, out_dir: Path, *, quantile: float = 0.995,
@@ -629,7 +626,8 @@ def fit_bundle_gate(bundle_dir: Path | None, data_root: Path, out_dir: Path, *, 
 
     train_features, val_features = features("train"), features("val")
     gate = FeatureGate.fit(train_features, val_features, quantile=quantile)
-    synthetic = synthetic_refusals(predictor, gate)
+    predictor.gate = gate  # this local predictor now stands for the gated bundle being written
+    synthetic = synthetic_refusals(predictor)
     with tempfile.TemporaryDirectory() as tmp:
         gate_path = Path(tmp) / GATE_FILE
         gate.save(gate_path)

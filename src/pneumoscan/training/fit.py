@@ -119,10 +119,11 @@ def train(config: TrainConfig) -> Path | None:
     datamodule.setup("fit")
     net = create_classifier(config.backbone, weights=config.weights, head=config.head,
                             input_size=config.input_size, dropout=config.dropout)
+    balance_weights = datamodule.class_weights() if config.class_balance != "none" else None
     module = PneumoniaClassifier(
         net, mean=info.mean, std=info.std, lr=config.lr, weight_decay=config.weight_decay,
-        class_weights=datamodule.class_weights() if config.class_balance == "weights" else None,
-        val_class_weights=datamodule.class_weights() if config.class_balance != "none" else None)
+        class_weights=balance_weights if config.class_balance == "weights" else None,
+        val_class_weights=balance_weights)
 
     best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best-{epoch}", monitor="val_loss",
                            mode="min", save_top_k=1)
