@@ -79,6 +79,21 @@ def test_balanced_sampling_draws_each_class_equally_often(xray_root: Path, tmp_p
     assert plain_labels.count(0) == normal  # the default loader draws each image once
 
 
+def test_split_seed_fixes_the_validation_split_independently_of_the_seed(xray_root: Path) -> None:
+    from pneumoscan.training.datamodule import ChestXrayDataModule
+
+    def validation_paths(**seeds: int) -> list[str]:
+        datamodule = ChestXrayDataModule(xray_root, input_size=TEST_INPUT, val_fraction=0.25, **seeds)
+        datamodule.setup("fit")
+        assert datamodule.split is not None
+        return sorted(str(s.path) for s in datamodule.split.val)
+
+    by_seed = {seed: validation_paths(seed=seed) for seed in range(4)}
+    assert len({tuple(paths) for paths in by_seed.values()}) > 1  # the seed alone moves the split
+    for seed in range(4):
+        assert validation_paths(seed=seed, split_seed=0) == by_seed[0]  # split_seed pins it
+
+
 def test_resume_continues_from_the_last_checkpoint(xray_root: Path, tmp_path: Path) -> None:
     base = dict(data=xray_root, out=tmp_path, weights="imagenet", input_size=TEST_INPUT,
                 frozen_epochs=1, finetune_blocks=1, batch_size=8, val_fraction=0.25,

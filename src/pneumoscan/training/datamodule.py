@@ -33,7 +33,7 @@ class ChestXrayDataModule(pl.LightningDataModule):
     def __init__(self, root: str | Path, *, input_size: int = 224,
                  augmentation: Augmentation = Augmentation(), batch_size: int = 32,
                  num_workers: int = 0, val_fraction: float = 0.1, seed: int = 0,
-                 balanced_sampling: bool = False) -> None:
+                 split_seed: int | None = None, balanced_sampling: bool = False) -> None:
         super().__init__()
         self.root = Path(root)
         self.input_size = input_size
@@ -42,6 +42,9 @@ class ChestXrayDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.val_fraction = val_fraction
         self.seed = seed
+        # The split has its own seed so that runs differing only in initialisation (seeds of an
+        # ensemble, a seed study) can be compared on one shared validation split.
+        self.split_seed = seed if split_seed is None else split_seed
         # Draw each class equally often (with replacement) instead of weighting the loss: the
         # network then sees the minority class's variety as often as the majority's.
         self.balanced_sampling = balanced_sampling
@@ -57,7 +60,7 @@ class ChestXrayDataModule(pl.LightningDataModule):
             pool += scan_split(self.root, "val")
         except DatasetError:
             log.info("no usable official val/ folder; validation comes from train/ only")
-        self.split = carve_validation(pool, fraction=self.val_fraction, seed=self.seed)
+        self.split = carve_validation(pool, fraction=self.val_fraction, seed=self.split_seed)
         log.info("train %s, validation %s (NORMAL, PNEUMONIA)",
                  class_counts(self.split.train), class_counts(self.split.val))
         self.train_set = XrayDataset(self.split.train, size=self.input_size,

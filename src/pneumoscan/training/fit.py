@@ -51,6 +51,7 @@ class TrainConfig:
     batch_size: int = 16
     val_fraction: float = 0.1
     seed: int = 0
+    split_seed: int | None = None  # seed of the carved validation split; None = seed
     patience: int = 3
     augmentation: Augmentation = field(default_factory=Augmentation)
     class_balance: str = "weights"  # weights (loss), sampling (equal draws) or none
@@ -114,7 +115,7 @@ def train(config: TrainConfig) -> Path | None:
     datamodule = ChestXrayDataModule(
         config.data, input_size=config.input_size, augmentation=config.augmentation,
         batch_size=config.batch_size, num_workers=config.num_workers,
-        val_fraction=config.val_fraction, seed=config.seed,
+        val_fraction=config.val_fraction, seed=config.seed, split_seed=config.split_seed,
         balanced_sampling=config.class_balance == "sampling")
     datamodule.setup("fit")
     net = create_classifier(config.backbone, weights=config.weights, head=config.head,
