@@ -110,6 +110,38 @@ def test_resume_continues_from_the_last_checkpoint(xray_root: Path, tmp_path: Pa
     assert load_bundle(tmp_path / "bundle")[1].training["resume"] is True
 
 
+def test_weight_averaging_exports_the_average_and_resumes_it(xray_root: Path, tmp_path: Path) -> None:
+    import torch
+
+    from safetensors.torch import load_file
+
+    base = dict(data=xray_root, out=tmp_path, weights="none", input_size=TEST_INPUT, frozen_epochs=0,
+                batch_size=8, val_fraction=0.25, lr=3e-3, accelerator="cpu", devices="1", patience=10,
+                ema_decay=0.9)
+    train(TrainConfig(**base, epochs=1))
+    first = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    steps_per_epoch = first["global_step"]
+    assert first["averaging_state"]["n_averaged"].item() == steps_per_epoch > 1
+    averaged, current = first["state_dict"], first["current_model_state"]
+    assert any(not torch.equal(averaged[k], current[k]) for k in averaged if k.startswith("net."))
+
+    train(TrainConfig(**base, epochs=2, resume=True))
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["averaging_state"]["n_averaged"].item() == 2 * steps_per_epoch  # the average went on
+    spec = load_bundle(tmp_path / "bundle")[1]
+    assert spec.training["ema_decay"] == 0.9
+    best = torch.load(tmp_path / "checkpoints" / spec.training["best_checkpoint"], map_location="cpu",
+                      weights_only=True)
+    exported = load_file(tmp_path / "bundle" / "model.safetensors")
+    for key, value in exported.items():  # the bundle holds the averaged weights, not the raw ones
+        torch.testing.assert_close(value.float(), best["state_dict"]["net." + key].half().float())
+
+
+def test_ema_decay_must_lie_between_zero_and_one(xray_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--ema-decay"):
+        train(TrainConfig(data=xray_root, out=tmp_path, ema_decay=1.0))
+
+
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(xray_root: Path, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -14,7 +14,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import (EarlyStopping, EMAWeightAveraging, LearningRateMonitor,
+                                         ModelCheckpoint)
 from lightning.pytorch.loggers import CSVLogger
 
 from pneumoscan.data import CLASS_NAMES, Augmentation, class_counts, normalize
@@ -55,6 +56,7 @@ class TrainConfig:
     patience: int = 3
     augmentation: Augmentation = field(default_factory=Augmentation)
     class_balance: str = "weights"  # weights (loss), sampling (equal draws) or none
+    ema_decay: float | None = None  # per-step decay of an exponential moving average of the weights
     num_workers: int = 0
     accelerator: str = "auto"
     devices: str = "auto"
@@ -79,6 +81,8 @@ class TrainConfig:
             (self.class_balance in CLASS_BALANCE_CHOICES,
              f"--class-balance must be one of {', '.join(CLASS_BALANCE_CHOICES)}, "
              f"got {self.class_balance!r}"),
+            (self.ema_decay is None or 0 < self.ema_decay < 1,
+             f"--ema-decay must be in (0, 1), got {self.ema_decay}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -138,6 +142,11 @@ def train(config: TrainConfig) -> Path | None:
         EarlyStopping(monitor="val_loss", mode="min", patience=config.patience),
         LearningRateMonitor(logging_interval="epoch"),
     ]
+    if config.ema_decay is not None:
+        # Validation, early stopping and every checkpoint's state_dict see the averaged weights, so
+        # the best epoch is chosen, and exported, as the average; the raw weights keep training
+        # (saved beside it for --resume).
+        callbacks.append(EMAWeightAveraging(decay=config.ema_decay))
     if config.weights != "none" or config.frozen_epochs > 0:
         callbacks.append(StagedFinetuning(unfreeze_at_epoch=config.frozen_epochs,
                                           blocks=config.finetune_blocks,
