@@ -117,7 +117,7 @@ def test_weight_averaging_exports_the_average_and_resumes_it(xray_root: Path, tm
 
     base = dict(data=xray_root, out=tmp_path, weights="none", input_size=TEST_INPUT, frozen_epochs=0,
                 batch_size=8, val_fraction=0.25, lr=3e-3, accelerator="cpu", devices="1", patience=10,
-                ema_decay=0.9)
+                ema_decay=0.9, keep_epoch_checkpoints=True)
     train(TrainConfig(**base, epochs=1))
     first = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     steps_per_epoch = first["global_step"]
@@ -128,6 +128,8 @@ def test_weight_averaging_exports_the_average_and_resumes_it(xray_root: Path, tm
     train(TrainConfig(**base, epochs=2, resume=True))
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["averaging_state"]["n_averaged"].item() == 2 * steps_per_epoch  # the average went on
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("epoch=*.ckpt"))
+    assert kept == ["epoch=0.ckpt", "epoch=1.ckpt"]  # one per epoch, across the resume
     spec = load_bundle(tmp_path / "bundle")[1]
     assert spec.training["ema_decay"] == 0.9
     best = torch.load(tmp_path / "checkpoints" / spec.training["best_checkpoint"], map_location="cpu",

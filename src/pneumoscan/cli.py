@@ -68,6 +68,7 @@ def train(
     no_augment: Annotated[bool, typer.Option("--no-augment", help="Switch all augmentation off.")] = False,
     class_balance: Annotated[str, typer.Option(help="Class balancing: weights (inverse-frequency loss weights), sampling (each class drawn equally often) or none.")] = "weights",
     ema_decay: Annotated[Optional[float], typer.Option(help="Keep an exponential moving average of the weights with this per-step decay (e.g. 0.997); validation, checkpoints and the bundle use the average. Default: off.")] = None,
+    keep_epoch_checkpoints: Annotated[bool, typer.Option("--keep-epoch-checkpoints", help="Also keep OUT/checkpoints/epoch=N.ckpt for every epoch (e.g. for snapshot ensembles).")] = False,
     num_workers: int = 0,
     accelerator: str = "auto",
     devices: Annotated[str, typer.Option(help="Lightning devices: auto, a count, or ids.")] = "auto",
@@ -91,7 +92,8 @@ def train(
         dropout=dropout, epochs=epochs, frozen_epochs=frozen_epochs, finetune_blocks=finetune_blocks,
         lr=lr, finetune_lr_factor=finetune_lr_factor, weight_decay=weight_decay,
         batch_size=batch_size, val_fraction=val_fraction, seed=seed, split_seed=split_seed, patience=patience,
-        augmentation=augmentation, class_balance=class_balance, ema_decay=ema_decay, num_workers=num_workers,
+        augmentation=augmentation, class_balance=class_balance, ema_decay=ema_decay,
+        keep_epoch_checkpoints=keep_epoch_checkpoints, num_workers=num_workers,
         accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
         precision=precision, resume=resume, half_bundle=not fp32_bundle,
         limit_train_batches=int(limit_train_batches) if limit_train_batches > 1 else limit_train_batches)

@@ -57,6 +57,7 @@ class TrainConfig:
     augmentation: Augmentation = field(default_factory=Augmentation)
     class_balance: str = "weights"  # weights (loss), sampling (equal draws) or none
     ema_decay: float | None = None  # per-step decay of an exponential moving average of the weights
+    keep_epoch_checkpoints: bool = False  # also keep checkpoints/epoch=N.ckpt for every epoch
     num_workers: int = 0
     accelerator: str = "auto"
     devices: str = "auto"
@@ -136,6 +137,11 @@ def train(config: TrainConfig) -> Path | None:
     # last.ckpt after every epoch, so a second, unmonitored checkpoint keeps it.
     latest = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", monitor=None, save_top_k=1,
                              enable_version_counter=False)
+    if config.keep_epoch_checkpoints:
+        # epoch=N.ckpt for every epoch (snapshot ensembles, per-epoch analysis; ~40 MB each for
+        # Lite0), and last.ckpt still after every epoch for --resume.
+        latest = ModelCheckpoint(dirpath=checkpoint_dir, filename="{epoch}", monitor=None,
+                                 save_top_k=-1, save_last=True)
     callbacks: list[pl.Callback] = [
         best,
         latest,
