@@ -39,11 +39,22 @@ def log_odds(net, info, samples: list, *, batch_size: int = 32) -> np.ndarray:
     return np.concatenate(chunks).astype(np.float64)
 
 
+def epoch_list(text: str) -> list[int]:
+    """``"2,3,4"`` -> ``[2, 3, 4]`` (an argparse type: bad input is a usage error, not a traceback)."""
+    try:
+        epochs = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epoch numbers, got {text!r}") from None
+    if not epochs:
+        raise argparse.ArgumentTypeError("no epochs given")
+    return epochs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="Kaggle-layout chest_xray root")
     parser.add_argument("--run", type=Path, required=True, help="run directory (bundle/ and checkpoints/)")
-    parser.add_argument("--epochs", default="2,3,4", help="comma-separated epochs to average")
+    parser.add_argument("--epochs", type=epoch_list, default=[2, 3, 4], help="comma-separated epochs to average")
     parser.add_argument("--test", action="store_true", help="also score the test split (after deciding)")
     args = parser.parse_args(argv)
 
@@ -64,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     except PneumoscanError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    epochs = [int(e) for e in args.epochs.split(",") if e.strip()]
-    checkpoints = {f"epoch {e}": args.run / "checkpoints" / f"epoch={e}.ckpt" for e in epochs}
+    checkpoints = {f"epoch {e}": args.run / "checkpoints" / f"epoch={e}.ckpt" for e in args.epochs}
     missing = [str(p) for p in checkpoints.values() if not p.is_file()]
     if missing:
         print(f"error: missing checkpoints (train with --keep-epoch-checkpoints): {', '.join(missing)}",

@@ -50,3 +50,6 @@ def test_snapshot_ensemble_scores_each_kept_epoch_and_their_mean(xray_root: Path
 
     assert snapshot.main(["--data", str(xray_root), "--run", str(run), "--epochs", "1,7"]) == 2
     assert "epoch=7.ckpt" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        snapshot.main(["--data", str(xray_root), "--run", str(run), "--epochs", "two"])
+    assert "comma-separated epoch numbers" in capsys.readouterr().err

@@ -134,14 +134,15 @@ def train(config: TrainConfig) -> Path | None:
     best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best-{epoch}", monitor="val_loss",
                            mode="min", save_top_k=1)
     # Lightning's save_last only writes when the best checkpoint changes; a resumable run needs
-    # last.ckpt after every epoch, so a second, unmonitored checkpoint keeps it.
-    latest = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", monitor=None, save_top_k=1,
-                             enable_version_counter=False)
+    # last.ckpt after every epoch, so a second, unmonitored checkpoint keeps it (and, when asked,
+    # epoch=N.ckpt for every epoch as well: snapshot ensembles, per-epoch analysis; ~40 MB each
+    # for Lite0). Its save_last writes every epoch because it monitors nothing.
     if config.keep_epoch_checkpoints:
-        # epoch=N.ckpt for every epoch (snapshot ensembles, per-epoch analysis; ~40 MB each for
-        # Lite0), and last.ckpt still after every epoch for --resume.
         latest = ModelCheckpoint(dirpath=checkpoint_dir, filename="{epoch}", monitor=None,
                                  save_top_k=-1, save_last=True)
+    else:
+        latest = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", monitor=None, save_top_k=1,
+                                 enable_version_counter=False)
     callbacks: list[pl.Callback] = [
         best,
         latest,
