@@ -255,3 +255,30 @@ def test_validation_loss_is_weighted_for_the_class_balance_trained_for() -> None
     expected = F.cross_entropy(net(x), y, weight=torch.tensor([2.0, 0.5]))
     assert torch.allclose(loss, expected)
     assert not torch.allclose(loss, F.cross_entropy(net(x), y))
+
+
+def test_label_smoothing_applies_to_the_training_loss_only() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from pneumoscan.models import backbone_info, create_classifier
+    from pneumoscan.training.module import PneumoniaClassifier
+
+    info = backbone_info("efficientnet_lite0")
+    net = create_classifier("efficientnet_lite0", weights="none", input_size=TEST_INPUT).eval()
+    module = PneumoniaClassifier(net, mean=info.mean, std=info.std, class_weights=(2.0, 0.5),
+                                 label_smoothing=0.1)
+    logged: dict[str, torch.Tensor] = {}
+    module.log = lambda name, value, **_: logged.__setitem__(name, value)  # no Trainer here
+    x = torch.randn(6, 3, TEST_INPUT, TEST_INPUT)
+    y = torch.tensor([0, 1, 1, 1, 1, 1])
+    weight = torch.tensor([2.0, 0.5])
+    with torch.no_grad():
+        logits = net(x)
+        train_loss = module.training_step((x, y), 0)
+        module.validation_step((x, y), 0)
+    assert torch.allclose(train_loss, F.cross_entropy(logits, y, weight=weight, label_smoothing=0.1))
+    assert torch.allclose(logged["val_loss"], F.cross_entropy(logits, y, weight=weight))
+    assert not torch.allclose(train_loss, logged["val_loss"])
+    with pytest.raises(ConfigError, match="--label-smoothing"):
+        TrainConfig(data=Path("."), out=Path("."), label_smoothing=1.0).validate()

@@ -56,6 +56,7 @@ class TrainConfig:
     patience: int = 3
     augmentation: Augmentation = field(default_factory=Augmentation)
     class_balance: str = "weights"  # weights (loss), sampling (equal draws) or none
+    label_smoothing: float = 0.0  # of the training loss only
     ema_decay: float | None = None  # per-step decay of an exponential moving average of the weights
     keep_epoch_checkpoints: bool = False  # also keep checkpoints/epoch=N.ckpt for every epoch
     num_workers: int = 0
@@ -82,6 +83,8 @@ class TrainConfig:
             (self.class_balance in CLASS_BALANCE_CHOICES,
              f"--class-balance must be one of {', '.join(CLASS_BALANCE_CHOICES)}, "
              f"got {self.class_balance!r}"),
+            (0 <= self.label_smoothing < 1,
+             f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.ema_decay is None or 0 < self.ema_decay < 1,
              f"--ema-decay must be in (0, 1), got {self.ema_decay}"),
         ]
@@ -129,7 +132,7 @@ def train(config: TrainConfig) -> Path | None:
     module = PneumoniaClassifier(
         net, mean=info.mean, std=info.std, lr=config.lr, weight_decay=config.weight_decay,
         class_weights=balance_weights if config.class_balance == "weights" else None,
-        val_class_weights=balance_weights)
+        val_class_weights=balance_weights, label_smoothing=config.label_smoothing)
 
     best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best-{epoch}", monitor="val_loss",
                            mode="min", save_top_k=1)

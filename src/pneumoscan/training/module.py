@@ -14,7 +14,8 @@ from pneumoscan.models import Classifier
 
 
 class PneumoniaClassifier(pl.LightningModule):
-    """Class-weighted cross-entropy over NORMAL/PNEUMONIA, AdamW, ReduceLROnPlateau on val loss.
+    """Class-weighted cross-entropy over NORMAL/PNEUMONIA (optionally label-smoothed in training),
+    AdamW, ReduceLROnPlateau on val loss.
 
     Batches arrive as uint8 ``B x 1 x S x S``; they are normalised on the device, after transfer,
     with the backbone's own mean and std.
@@ -24,7 +25,7 @@ class PneumoniaClassifier(pl.LightningModule):
                  std: tuple[float, float, float], lr: float = 1e-3, weight_decay: float = 1e-4,
                  class_weights: tuple[float, float] | None = None,
                  val_class_weights: tuple[float, float] | None = None, plateau_patience: int = 1,
-                 plateau_factor: float = 0.3) -> None:
+                 plateau_factor: float = 0.3, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
         self.net = net
@@ -48,15 +49,18 @@ class PneumoniaClassifier(pl.LightningModule):
         pixels, labels = batch
         return normalize(pixels, self.hparams.mean, self.hparams.std), labels
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], *,
-              weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], *, weight: torch.Tensor,
+              label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y, weight=weight)
+        loss = F.cross_entropy(logits, y, weight=weight, label_smoothing=label_smoothing)
         return loss, logits.softmax(dim=1)[:, 1], y
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, prob, y = self._step(batch, weight=self.class_weights)
+        # Smoothing is a training regulariser only: validation loss, and so the epoch chosen and
+        # the calibration, stay on the plain cross-entropy.
+        loss, prob, y = self._step(batch, weight=self.class_weights,
+                                   label_smoothing=self.hparams.label_smoothing)
         self.train_acc(prob, y)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
