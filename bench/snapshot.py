@@ -23,20 +23,18 @@ from pathlib import Path
 import numpy as np
 
 
-def log_odds(net, info, samples: list, *, batch_size: int = 32) -> np.ndarray:
-    """Uncalibrated log-odds of pneumonia for every sample, in order."""
+def log_odds(predictor, samples: list, *, batch_size: int = 32) -> np.ndarray:
+    """Uncalibrated log-odds of pneumonia for every sample, in order (the predictor's own forward)."""
     import torch
 
-    from pneumoscan.data import XrayDataset, normalize
+    from pneumoscan.data import XrayDataset
 
-    dataset = XrayDataset(samples, size=info["input_size"], cache=False)
+    dataset = XrayDataset(samples, size=predictor.spec.input_size, cache=False)
     chunks = []
-    with torch.inference_mode():
-        for start in range(0, len(dataset), batch_size):
-            pixels = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))])
-            logits = net(normalize(pixels, info["mean"], info["std"]))
-            chunks.append((logits[:, 1] - logits[:, 0]).numpy())
-    return np.concatenate(chunks).astype(np.float64)
+    for start in range(0, len(dataset), batch_size):
+        pixels = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))])
+        chunks.extend(predictor.log_odds(pixels))
+    return np.asarray(chunks, dtype=np.float64)
 
 
 def epoch_list(text: str) -> list[int]:
@@ -58,12 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test", action="store_true", help="also score the test split (after deciding)")
     args = parser.parse_args(argv)
 
+    import copy
+
     import torch
 
     from pneumoscan.data import scan_split
     from pneumoscan.errors import PneumoscanError
     from pneumoscan.evaluation import (calibrate_on_validation, expected_calibration_error, point_metrics,
                                        sigmoid, split_samples)
+    from pneumoscan.inference import Predictor
     from pneumoscan.models import load_bundle
 
     bundle_dir = args.run / "bundle"
@@ -81,14 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: missing checkpoints (train with --keep-epoch-checkpoints): {', '.join(missing)}",
               file=sys.stderr)
         return 2
-    info = {"input_size": spec.input_size, "mean": spec.mean, "std": spec.std}
     labels = {name: np.array([s.label for s in samples]) for name, samples in parts.items()}
 
     def cached_log_odds(name: str, member, split: str) -> np.ndarray:
         path = args.run / "checkpoints" / f"snapshot-{split}-{name.replace(' ', '')}.npy"
         if path.is_file():
             return np.load(path)
-        values = log_odds(member, info, parts[split])
+        values = log_odds(Predictor(member, spec), parts[split])
         np.save(path, values)
         return values
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         member = net
         if name != "bundle":
             state = torch.load(checkpoints[name], map_location="cpu", weights_only=True)["state_dict"]
-            member = load_bundle(bundle_dir, check_onnx=False)[0]
+            member = copy.deepcopy(net)  # the bundle's architecture, without reading it again
             member.load_state_dict({k[len("net."):]: v for k, v in state.items() if k.startswith("net.")})
             member.half().float().eval()  # the precision a bundle would store
         scores[name] = {split: cached_log_odds(name, member, split) for split in parts}
