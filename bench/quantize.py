@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{bundle} has no model.onnx; run 'pneumoscan export' first")
         return 2
     size = spec.input_size
-    pixels = lambda path: square_resize(load_image(path, draft_size=size), size).numpy()  # noqa: E731
+    pixels = lambda path: square_resize(load_image(path, draft_size=size), size,  # noqa: E731
+                                        equalize=spec.equalize).numpy()
     rows = list(csv.DictReader((bundle / "split.csv").open()))
 
     class TrainingImages(CalibrationDataReader):

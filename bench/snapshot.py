@@ -29,7 +29,7 @@ def log_odds(predictor, samples: list, *, batch_size: int = 32) -> np.ndarray:
 
     from pneumoscan.data import XrayDataset
 
-    dataset = XrayDataset(samples, size=predictor.spec.input_size, cache=False)
+    dataset = XrayDataset(samples, size=predictor.spec.input_size, cache=False, equalize=predictor.spec.equalize)
     chunks = []
     for start in range(0, len(dataset), batch_size):
         pixels = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))])

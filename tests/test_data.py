@@ -81,6 +81,21 @@ def test_square_resize_and_normalize() -> None:
     torch.testing.assert_close(x[0, 0], pixels[0].float() / 127.5 - 1.0)
 
 
+def test_equalize_maps_any_exposure_of_an_image_to_the_same_pixels() -> None:
+    # Eight grey levels, so a strictly increasing intensity map merges none of them: histogram
+    # equalisation must then give the same pixels for the original and its re-exposed copy.
+    levels = np.random.default_rng(0).integers(0, 8, size=(64, 64))
+    original = Image.fromarray((levels * 20 + 30).astype(np.uint8))
+    dark_low_contrast = original.point(lambda v: (v - 30) // 4 + 5)
+    gamma = original.point(lambda v: round(255 * (v / 255) ** 0.5))
+    equalized = square_resize(original, 64, equalize=True)
+    assert torch.equal(square_resize(dark_low_contrast, 64, equalize=True), equalized)
+    assert torch.equal(square_resize(gamma, 64, equalize=True), equalized)
+    assert not torch.equal(square_resize(dark_low_contrast, 64), square_resize(original, 64))
+    assert equalized.max() == 255  # spread over the full range, unlike the input's 30..170
+    assert torch.equal(square_resize(original, 64, equalize=False), square_resize(original, 64))
+
+
 def test_scan_split_reads_layout(xray_root: Path) -> None:
     samples = scan_split(xray_root, "train")
     assert class_counts(samples) == [16, 16]

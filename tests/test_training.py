@@ -139,6 +139,35 @@ def test_weight_averaging_exports_the_average_and_resumes_it(xray_root: Path, tm
         torch.testing.assert_close(value.float(), best["state_dict"]["net." + key].half().float())
 
 
+def test_equalized_training_is_recorded_and_served_with_the_same_pixels(xray_root: Path,
+                                                                        tmp_path: Path) -> None:
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from pneumoscan.data import XrayDataset, load_image, scan_split
+    from pneumoscan.inference import Predictor
+
+    train(TrainConfig(data=xray_root, out=tmp_path, weights="none", input_size=TEST_INPUT, epochs=1,
+                      frozen_epochs=0, batch_size=8, val_fraction=0.25, lr=3e-3, accelerator="cpu",
+                      devices="1", equalize=True))
+    bundle = tmp_path / "bundle"
+    spec = load_bundle(bundle)[1]
+    assert spec.equalize is True and spec.training["equalize"] is True
+    predictor = Predictor.from_bundle(bundle, backend="torch")
+    val_paths = {r["path"] for r in csv.DictReader((bundle / "split.csv").open()) if r["role"] == "val"}
+    pool = scan_split(xray_root, "train") + scan_split(xray_root, "val")
+    val = [s for s in pool if s.path.relative_to(xray_root).as_posix() in val_paths]
+    trained_on = XrayDataset(val, size=TEST_INPUT, equalize=True)
+    plain = XrayDataset(val, size=TEST_INPUT)
+    served = [predictor.preprocess(load_image(s.path)) for s in val]
+    for i, pixels in enumerate(served):  # serving feeds exactly what training validated on
+        assert torch.equal(pixels, trained_on.image(i))
+    assert not all(torch.equal(pixels, plain.image(i)) for i, pixels in enumerate(served))
+    # ... and so reproduces the validation figures the bundle was calibrated with.
+    log_odds = predictor.log_odds(torch.stack(served))
+    assert roc_auc_score([s.label for s in val], log_odds) == pytest.approx(spec.val_metrics["roc_auc"], abs=1e-6)  # stored to 6 places
+
+
 def test_ema_decay_must_lie_between_zero_and_one(xray_root: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--ema-decay"):
         train(TrainConfig(data=xray_root, out=tmp_path, ema_decay=1.0))

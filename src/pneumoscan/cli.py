@@ -65,6 +65,7 @@ def train(
     contrast: Annotated[float, typer.Option(help="Augmentation: contrast jitter factor (0 = off).")] = 0.0,
     blur_sigma: Annotated[float, typer.Option(help="Augmentation: Gaussian blur up to this sigma on half the images (0 = off).")] = 0.0,
     hflip: Annotated[bool, typer.Option("--hflip/--no-hflip")] = True,
+    equalize: Annotated[bool, typer.Option("--equalize", help="Histogram-equalise every image after the square resize; the bundle records it, so serving does the same.")] = False,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="Switch all augmentation off.")] = False,
     class_balance: Annotated[str, typer.Option(help="Class balancing: weights (inverse-frequency loss weights), sampling (each class drawn equally often) or none.")] = "weights",
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the training loss (validation loss stays plain).")] = 0.0,
@@ -90,7 +91,7 @@ def train(
         blur_sigma=blur_sigma)
     config = TrainConfig(
         data=data, out=out, backbone=backbone, weights=weights, head=head, input_size=input_size,
-        dropout=dropout, epochs=epochs, frozen_epochs=frozen_epochs, finetune_blocks=finetune_blocks,
+        equalize=equalize, dropout=dropout, epochs=epochs, frozen_epochs=frozen_epochs, finetune_blocks=finetune_blocks,
         lr=lr, finetune_lr_factor=finetune_lr_factor, weight_decay=weight_decay,
         batch_size=batch_size, val_fraction=val_fraction, seed=seed, split_seed=split_seed, patience=patience,
         augmentation=augmentation, class_balance=class_balance, label_smoothing=label_smoothing, ema_decay=ema_decay,
@@ -276,8 +277,9 @@ def export(
         from pneumoscan.models import default_bundle_path, read_spec
 
         bundle = model or default_bundle_path()
-        size = read_spec(bundle).input_size
-        real = [square_resize(load_image(s.path, draft_size=size), size) for s in split_samples(bundle, data)[:32]]
+        spec = read_spec(bundle)
+        real = [square_resize(load_image(s.path, draft_size=spec.input_size), spec.input_size, equalize=spec.equalize)
+                for s in split_samples(bundle, data)[:32]]
     info = export_bundle_onnx(model, out, real_images=real)
     checks = ", ".join(f"{name} {value:.1e}" for name, value in info["parity_max_abs_diff"].items())
     typer.echo(f"model.onnx written (opset {info['opset']}); largest probability difference from PyTorch: "

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
@@ -183,10 +183,17 @@ def load_image(path: str | Path, *, draft_size: int | None = None) -> Image.Imag
     return decode_image(data, name=str(path), draft_size=draft_size)
 
 
-def square_resize(image: Image.Image, size: int) -> torch.Tensor:
-    """Greyscale PIL image -> uint8 tensor ``1 x size x size`` (aspect ratio not kept)."""
+def square_resize(image: Image.Image, size: int, *, equalize: bool = False) -> torch.Tensor:
+    """Greyscale PIL image -> uint8 tensor ``1 x size x size`` (aspect ratio not kept).
+
+    ``equalize`` histogram-equalises the resized image, so every image reaches the network with
+    the same intensity distribution whatever its exposure, contrast or the pipeline that copied it.
+    A bundle records whether it was trained that way (``BundleSpec.equalize``).
+    """
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    if equalize:
+        image = ImageOps.equalize(image)
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).unsqueeze(0)
 
 
@@ -421,6 +428,7 @@ class XrayDataset(Dataset):
     size: int = 224
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None
     cache: bool = True
+    equalize: bool = False  # histogram equalisation after the resize (see square_resize)
     _cache: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -431,7 +439,8 @@ class XrayDataset(Dataset):
         cached = self._cache.get(index)
         if cached is not None:
             return cached
-        pixels = square_resize(load_image(self.samples[index].path, draft_size=self.size), self.size)
+        pixels = square_resize(load_image(self.samples[index].path, draft_size=self.size), self.size,
+                               equalize=self.equalize)
         if self.cache:
             self._cache[index] = pixels
         return pixels

@@ -175,8 +175,8 @@ class Predictor:
         return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """Greyscale image -> uint8 ``1 x S x S`` (the same square resize as training)."""
-        return square_resize(image, self.spec.input_size)
+        """Greyscale image -> uint8 ``1 x S x S`` (the same square resize, and equalisation, as training)."""
+        return square_resize(image, self.spec.input_size, equalize=self.spec.equalize)
 
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor) -> tuple[list[float], torch.Tensor]:

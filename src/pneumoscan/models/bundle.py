@@ -40,6 +40,9 @@ class BundleSpec:
     input_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    # Histogram equalisation after the square resize (data.square_resize); False for bundles
+    # written before the option existed, which is what they were trained with.
+    equalize: bool = False
     class_names: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
     dropout: float = 0.5
     threshold: float = 0.5  # the default operating point's threshold on calibrated P(pneumonia)

@@ -33,7 +33,8 @@ class ChestXrayDataModule(pl.LightningDataModule):
     def __init__(self, root: str | Path, *, input_size: int = 224,
                  augmentation: Augmentation = Augmentation(), batch_size: int = 32,
                  num_workers: int = 0, val_fraction: float = 0.1, seed: int = 0,
-                 split_seed: int | None = None, balanced_sampling: bool = False) -> None:
+                 split_seed: int | None = None, balanced_sampling: bool = False,
+                 equalize: bool = False) -> None:
         super().__init__()
         self.root = Path(root)
         self.input_size = input_size
@@ -48,6 +49,7 @@ class ChestXrayDataModule(pl.LightningDataModule):
         # Draw each class equally often (with replacement) instead of weighting the loss: the
         # network then sees the minority class's variety as often as the majority's.
         self.balanced_sampling = balanced_sampling
+        self.equalize = equalize
         self.split: Split | None = None
         self.train_set: XrayDataset | None = None
         self.val_set: XrayDataset | None = None
@@ -64,8 +66,8 @@ class ChestXrayDataModule(pl.LightningDataModule):
         log.info("train %s, validation %s (NORMAL, PNEUMONIA)",
                  class_counts(self.split.train), class_counts(self.split.val))
         self.train_set = XrayDataset(self.split.train, size=self.input_size,
-                                     augment=self.augmentation.transform())
-        self.val_set = XrayDataset(self.split.val, size=self.input_size)
+                                     augment=self.augmentation.transform(), equalize=self.equalize)
+        self.val_set = XrayDataset(self.split.val, size=self.input_size, equalize=self.equalize)
 
     def class_weights(self) -> tuple[float, float]:
         """Inverse-frequency weights, normalised so a balanced set gets (1, 1)."""

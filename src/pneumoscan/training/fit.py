@@ -42,6 +42,7 @@ class TrainConfig:
     weights: str = "imagenet"
     head: str = "pool"
     input_size: int = 224
+    equalize: bool = False  # histogram-equalise every image after the resize (serving too)
     dropout: float = 0.5
     epochs: int = 5
     frozen_epochs: int = 1
@@ -124,7 +125,7 @@ def train(config: TrainConfig) -> Path | None:
         config.data, input_size=config.input_size, augmentation=config.augmentation,
         batch_size=config.batch_size, num_workers=config.num_workers,
         val_fraction=config.val_fraction, seed=config.seed, split_seed=config.split_seed,
-        balanced_sampling=config.class_balance == "sampling")
+        balanced_sampling=config.class_balance == "sampling", equalize=config.equalize)
     datamodule.setup("fit")
     net = create_classifier(config.backbone, weights=config.weights, head=config.head,
                             input_size=config.input_size, dropout=config.dropout)
@@ -209,7 +210,7 @@ def export_bundle(config: TrainConfig, datamodule: ChestXrayDataModule, module: 
         fig = training_curves_figure(metrics_csvs)
         fig.savefig(config.out / "curves.png")
     spec = BundleSpec(
-        backbone=config.backbone, head=config.head, input_size=config.input_size,
+        backbone=config.backbone, head=config.head, input_size=config.input_size, equalize=config.equalize,
         mean=info.mean, std=info.std, class_names=CLASS_NAMES, dropout=config.dropout,
         threshold=threshold, threshold_source="validation_youden",
         temperature=calibration.temperature, calibration="temperature_scaling_on_validation",
