@@ -168,6 +168,23 @@ def test_equalized_training_is_recorded_and_served_with_the_same_pixels(xray_roo
     assert roc_auc_score([s.label for s in val], log_odds) == pytest.approx(spec.val_metrics["roc_auc"], abs=1e-6)  # stored to 6 places
 
 
+def test_sanity_check_on_one_class_batches_gives_no_auroc_warning(xray_root: Path, tmp_path: Path) -> None:
+    import warnings
+
+    # Validation is ordered by class, so Lightning's two sanity-check batches of 2 hold NORMAL
+    # images only: ROC-AUC is undefined there and must not be computed (nor warned about).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(TrainConfig(data=xray_root, out=tmp_path, weights="none", input_size=TEST_INPUT, epochs=1,
+                          frozen_epochs=0, batch_size=2, val_fraction=0.5, limit_train_batches=2,
+                          accelerator="cpu", devices="1"))
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "samples in targets" in m], messages
+    rows = [r for r in csv.DictReader((tmp_path / "logs" / "version_0" / "metrics.csv").open())
+            if r.get("val_auroc")]
+    assert len(rows) == 1 and 0.0 <= float(rows[0]["val_auroc"]) <= 1.0  # once per epoch, all batches
+
+
 def test_ema_decay_must_lie_between_zero_and_one(xray_root: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--ema-decay"):
         train(TrainConfig(data=xray_root, out=tmp_path, ema_decay=1.0))

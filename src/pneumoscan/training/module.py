@@ -69,10 +69,16 @@ class PneumoniaClassifier(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss, prob, y = self._step(batch, weight=self.val_class_weights)
         self.val_acc(prob, y)
-        self.val_auroc(prob, y)
+        self.val_auroc.update(prob, y)  # computed once per epoch, in on_validation_epoch_end
         self.log("val_loss", loss, prog_bar=True, on_epoch=True, sync_dist=True)
         self.log("val_acc", self.val_acc, prog_bar=True, on_epoch=True)
-        self.log("val_auroc", self.val_auroc, prog_bar=True, on_epoch=True)
+
+    def on_validation_epoch_end(self) -> None:
+        # ROC-AUC needs both classes. Validation is ordered by class, so Lightning's sanity check
+        # (its first two batches) sees one class only: no AUROC there, and its state is dropped.
+        if not self.trainer.sanity_checking:
+            self.log("val_auroc", self.val_auroc.compute(), prog_bar=True, sync_dist=True)
+        self.val_auroc.reset()
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self(batch[0]).softmax(dim=1)[:, 1]
