@@ -144,6 +144,7 @@ def test_equalized_training_is_recorded_and_served_with_the_same_pixels(xray_roo
     import torch
     from sklearn.metrics import roc_auc_score
 
+    from pneumoscan.card import model_card
     from pneumoscan.data import XrayDataset, load_image, scan_split
     from pneumoscan.inference import Predictor
 
@@ -153,6 +154,7 @@ def test_equalized_training_is_recorded_and_served_with_the_same_pixels(xray_roo
     bundle = tmp_path / "bundle"
     spec = load_bundle(bundle)[1]
     assert spec.equalize is True and spec.training["equalize"] is True
+    assert model_card(spec)["architecture"]["histogram_equalized"] is True  # told to API clients
     predictor = Predictor.from_bundle(bundle, backend="torch")
     val_paths = {r["path"] for r in csv.DictReader((bundle / "split.csv").open()) if r["role"] == "val"}
     pool = scan_split(xray_root, "train") + scan_split(xray_root, "val")

@@ -18,6 +18,7 @@ def test_healthz_and_model(client) -> None:
     assert client.get("/healthz").status_code == 200
     card = client.get("/api/v1/model").get_json()
     assert card["architecture"]["backbone"] == "efficientnet_lite0" and len(card["weights_sha256"]) == 64
+    assert card["architecture"]["histogram_equalized"] is False  # trained without --equalize
     assert "Not for clinical use" in card["intended_use"]
     assert card["training_data"]["n_train"] == sum(card["training_data"]["n_train_by_class"].values())
     assert set(card["decision"]["operating_points"]) == {"balanced", "high_sensitivity", "high_specificity"}

@@ -52,6 +52,7 @@ def model_card(spec: BundleSpec) -> dict[str, Any]:
                     "bundle_format": spec.format_version, "created": spec.created},
         "weights_sha256": spec.weights_sha256,
         "architecture": {"backbone": spec.backbone, "head": spec.head, "input_size": spec.input_size,
+                         "histogram_equalized": spec.equalize,
                          "weights_dtype": spec.weights_dtype, "class_names": list(spec.class_names)},
         "intended_use": INTENDED_USE,
         "population": POPULATION,
