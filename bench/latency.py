@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     def bundle_end_to_end(predictor: Predictor) -> Callable[[], float]:
         return lambda: predictor.predict_images([predictor.decode(jpeg)])[0].probability_pneumonia
 
-    pixels = square_resize(decode_image(jpeg, draft_size=size), size)[None]
+    pixels = eager.preprocess(eager.decode(jpeg))[None]  # the bundle's own preprocessing
     seed_pixels = normalize(square_resize(decode_image(jpeg, draft_size=224), 224)[None],
                             (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     peak = matmul_gflops()

@@ -42,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     from onnxruntime.quantization.shape_inference import quant_pre_process
     from sklearn.metrics import roc_auc_score
 
-    from pneumoscan.data import load_image, scan_split, square_resize
+    from pneumoscan.data import scan_split
     from pneumoscan.export import OnnxRunner
+    from pneumoscan.inference import read_bundle_pixels
     from pneumoscan.models import default_bundle_path, verify_bundle
 
     bundle = args.model or default_bundle_path()
@@ -51,9 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if not spec.onnx:
         print(f"{bundle} has no model.onnx; run 'pneumoscan export' first")
         return 2
-    size = spec.input_size
-    pixels = lambda path: square_resize(load_image(path, draft_size=size), size,  # noqa: E731
-                                        equalize=spec.equalize).numpy()
+    pixels = lambda path: read_bundle_pixels(spec, path).numpy()  # noqa: E731
     rows = list(csv.DictReader((bundle / "split.csv").open()))
 
     class TrainingImages(CalibrationDataReader):

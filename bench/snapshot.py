@@ -27,12 +27,11 @@ def log_odds(predictor, samples: list, *, batch_size: int = 32) -> np.ndarray:
     """Uncalibrated log-odds of pneumonia for every sample, in order (the predictor's own forward)."""
     import torch
 
-    from pneumoscan.data import XrayDataset
+    from pneumoscan.inference import read_bundle_pixels
 
-    dataset = XrayDataset(samples, size=predictor.spec.input_size, cache=False, equalize=predictor.spec.equalize)
     chunks = []
-    for start in range(0, len(dataset), batch_size):
-        pixels = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))])
+    for start in range(0, len(samples), batch_size):
+        pixels = torch.stack([read_bundle_pixels(predictor.spec, s.path) for s in samples[start:start + batch_size]])
         chunks.extend(predictor.log_odds(pixels))
     return np.asarray(chunks, dtype=np.float64)
 

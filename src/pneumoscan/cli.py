@@ -272,14 +272,13 @@ def export(
 
     real = []
     if data is not None:
-        from pneumoscan.data import load_image, square_resize
         from pneumoscan.evaluation import split_samples
+        from pneumoscan.inference import read_bundle_pixels
         from pneumoscan.models import default_bundle_path, read_spec
 
         bundle = model or default_bundle_path()
         spec = read_spec(bundle)
-        real = [square_resize(load_image(s.path, draft_size=spec.input_size), spec.input_size, equalize=spec.equalize)
-                for s in split_samples(bundle, data)[:32]]
+        real = [read_bundle_pixels(spec, s.path) for s in split_samples(bundle, data)[:32]]
     info = export_bundle_onnx(model, out, real_images=real)
     checks = ", ".join(f"{name} {value:.1e}" for name, value in info["parity_max_abs_diff"].items())
     typer.echo(f"model.onnx written (opset {info['opset']}); largest probability difference from PyTorch: "

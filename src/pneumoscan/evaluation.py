@@ -603,10 +603,9 @@ def fit_bundle_gate(bundle_dir: Path | None, data_root: Path, out_dir: Path, *, 
 
     import torch
 
-    from pneumoscan.data import load_image
     from pneumoscan.errors import ConfigError
     from pneumoscan.gate import GATE_FILE, FeatureGate
-    from pneumoscan.inference import Predictor
+    from pneumoscan.inference import Predictor, read_bundle_pixels
     from pneumoscan.models import default_bundle_path, rewrite_bundle
     from pneumoscan.models.bundle import sha256_file
 
@@ -619,8 +618,7 @@ def fit_bundle_gate(bundle_dir: Path | None, data_root: Path, out_dir: Path, *, 
         samples = split_samples(bundle_dir, data_root, role=role)
         chunks = []
         for start in range(0, len(samples), batch_size):
-            batch = [predictor.preprocess(load_image(s.path, draft_size=predictor.spec.input_size))
-                     for s in samples[start:start + batch_size]]
+            batch = [read_bundle_pixels(predictor.spec, s.path) for s in samples[start:start + batch_size]]
             chunks.append(predictor.forward(torch.stack(batch))[1].numpy())
         return np.concatenate(chunks)
 

@@ -101,6 +101,22 @@ def _onnx_runner(directory: Path, spec: BundleSpec, backend: str,
         return None
 
 
+def bundle_pixels(spec: BundleSpec, image: Image.Image) -> torch.Tensor:
+    """Greyscale image -> the uint8 ``1 x S x S`` a bundle's network takes: the square resize it
+    was trained with, and histogram equalisation when it was trained with that. The one place the
+    serving side turns an image into the network's input."""
+    return square_resize(image, spec.input_size, equalize=spec.equalize)
+
+
+def read_bundle_pixels(spec: BundleSpec, path: str | Path) -> torch.Tensor:
+    """An image file -> :func:`bundle_pixels` (JPEGs decoded at no more resolution than needed).
+
+    Raises:
+        InvalidImageError: the file cannot be read or decoded.
+    """
+    return bundle_pixels(spec, load_image(path, draft_size=spec.input_size))
+
+
 class Predictor:
     """A loaded bundle plus the exact preprocessing it was trained with.
 
@@ -176,7 +192,7 @@ class Predictor:
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """Greyscale image -> uint8 ``1 x S x S`` (the same square resize, and equalisation, as training)."""
-        return square_resize(image, self.spec.input_size, equalize=self.spec.equalize)
+        return bundle_pixels(self.spec, image)
 
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor) -> tuple[list[float], torch.Tensor]:
@@ -265,7 +281,7 @@ class Predictor:
 
         for i, path in enumerate(paths):
             try:
-                pending.append((i, self.preprocess(load_image(path, draft_size=self.spec.input_size))))
+                pending.append((i, read_bundle_pixels(self.spec, path)))
             except PneumoscanError as exc:
                 outcomes[i] = PathOutcome(str(path), error=str(exc))
             if len(pending) >= batch_size:
