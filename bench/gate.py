@@ -25,19 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--splits", default="test,train", help="X-ray splits to run (comma-separated; '' for none)")
     args = parser.parse_args(argv)
 
-    from pneumoscan.data import decode_image, load_image, scan_split
-    from pneumoscan.gate import image_reasons as image_checks
+    from pneumoscan.data import scan_split
     from pneumoscan.inference import Predictor
 
     predictor = Predictor.from_bundle(args.model)
     print(f"feature gate: {'threshold %.3f' % predictor.gate.threshold if predictor.gate else 'none in this bundle'}")
 
-    def image_reasons(image):
-        found = image_checks(image)
-        if not found and predictor.gate is not None:
-            if predictor.is_out_of_distribution(predictor.predict_images([image])[0]):
-                found = ["out_of_distribution"]
-        return found
+    def image_reasons(image) -> list[str]:
+        """The gate's reasons through the same decision as the API and ``pneumoscan predict``."""
+        return list(predictor.predict([image])[0].reasons)
 
     rows = []
     for split in [name for name in args.splits.split(",") if name]:
@@ -45,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         reasons = Counter()
         rejected = 0
         for sample in samples:
-            found = image_reasons(load_image(sample.path, draft_size=224))
+            found = image_reasons(predictor.preprocessing.load(sample.path))
             rejected += bool(found)
             reasons.update(found)
         rows.append((f"chest X-rays, {split} split (should pass)", len(samples), rejected, dict(reasons), ""))
@@ -57,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind, images in by_kind.items():
         reasons, passed = Counter(), []
         for name, data in images.items():
-            found = image_reasons(decode_image(data, draft_size=224))
+            found = image_reasons(predictor.preprocessing.decode(data, name=name))
             reasons.update(found)
             if not found:
                 passed.append(name)

@@ -32,8 +32,9 @@ def pooled_features(backbone: str, samples: list, *, cache: Path, batch_size: in
     """``(N x F float32 features, seconds per image)``; cached by backbone, size and file list."""
     import torch
 
-    from pneumoscan.data import XrayDataset, normalize
-    from pneumoscan.models import backbone_info, create_classifier
+    from pneumoscan.data import XrayDataset
+    from pneumoscan.imaging import Preprocessing
+    from pneumoscan.models import PixelNetwork, backbone_info, create_classifier
 
     info = backbone_info(backbone)
     size = info.default_input_size
@@ -42,13 +43,14 @@ def pooled_features(backbone: str, samples: list, *, cache: Path, batch_size: in
     if path.is_file():
         return np.load(path), float("nan")
     net = create_classifier(backbone, weights="imagenet", input_size=size).eval()
-    dataset = XrayDataset(samples, size=size, cache=False)
+    network = PixelNetwork(net, info.mean, info.std).eval()  # its head is untrained; only features are used
+    dataset = XrayDataset(samples, Preprocessing(size=size), cache=False)
     started = time.perf_counter()
     chunks = []
     with torch.inference_mode():
         for start in range(0, len(dataset), batch_size):
             pixels = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))])
-            chunks.append(net.features(normalize(pixels, info.mean, info.std)).mean(dim=(2, 3)).numpy())
+            chunks.append(network(pixels)[1].numpy())
     seconds = (time.perf_counter() - started) / len(dataset)
     features = np.concatenate(chunks).astype(np.float32)
     cache.mkdir(parents=True, exist_ok=True)
@@ -85,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from pneumoscan.data import carve_validation, scan_split
     from pneumoscan.errors import PneumoscanError, WeightsUnavailableError
-    from pneumoscan.evaluation import point_metrics, youden_threshold
+    from pneumoscan.calibration import youden_threshold
+    from pneumoscan.stats import point_metrics
 
     try:
         pool = scan_split(args.data, "train")

@@ -11,7 +11,6 @@ AUC moves by at most 0.005 and accuracy by at most 0.5 points. Writes nothing in
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import tempfile
 import time
@@ -42,37 +41,36 @@ def main(argv: list[str] | None = None) -> int:
     from onnxruntime.quantization.shape_inference import quant_pre_process
     from sklearn.metrics import roc_auc_score
 
-    from pneumoscan.data import scan_split
-    from pneumoscan.export import OnnxRunner
-    from pneumoscan.inference import read_bundle_pixels
+    from pneumoscan.data import read_split, scan_split
     from pneumoscan.models import default_bundle_path, verify_bundle
+    from pneumoscan.runtime import OnnxRunner
 
     bundle = args.model or default_bundle_path()
     spec = verify_bundle(bundle)
-    if not spec.onnx:
+    if spec.onnx is None:
         print(f"{bundle} has no model.onnx; run 'pneumoscan export' first")
         return 2
-    pixels = lambda path: read_bundle_pixels(spec, path).numpy()  # noqa: E731
-    rows = list(csv.DictReader((bundle / "split.csv").open()))
+    pixels = spec.preprocessing.read
+    onnx_path = bundle / spec.onnx.file
 
     class TrainingImages(CalibrationDataReader):
         def __init__(self) -> None:
-            chosen = [r for r in rows if r["role"] == "train"][::40][:120]
-            self.batches = iter([{"pixels": pixels(args.data / r["path"])[None]} for r in chosen])
+            chosen = read_split(bundle, args.data, role="train")[::40][:120]
+            self.batches = iter([{"pixels": pixels(s.path)[None]} for s in chosen])
 
         def get_next(self):
             return next(self.batches, None)
 
     with tempfile.TemporaryDirectory() as tmp:
         prepared, int8 = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
-        quant_pre_process(str(bundle / spec.onnx["file"]), str(prepared))
+        quant_pre_process(str(onnx_path), str(prepared))
         quantize_static(str(prepared), str(int8), TrainingImages(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        runners = {"float32": OnnxRunner(bundle / spec.onnx["file"]), "int8": OnnxRunner(int8)}
-        sizes = {"float32": (bundle / spec.onnx["file"]).stat().st_size, "int8": int8.stat().st_size}
+        runners = {"float32": OnnxRunner(onnx_path), "int8": OnnxRunner(int8)}
+        sizes = {"float32": onnx_path.stat().st_size, "int8": int8.stat().st_size}
         latency = {name: _p50_ms(runner) for name, runner in runners.items()}
         splits = {
-            "validation": [(args.data / r["path"], r["label"] == "PNEUMONIA") for r in rows if r["role"] == "val"],
+            "validation": [(s.path, s.label == 1) for s in read_split(bundle, args.data)],
             "test": [(s.path, s.label == 1) for s in scan_split(args.data, "test")],
         }
         print(f"{'model':<8} {'MB':>6} {'p50 ms':>7}  " + "  ".join(f"{s + ' AUC':>15} {s + ' acc':>15}" for s in splits))
@@ -83,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                 x = np.stack([pixels(path) for path, _ in items])
                 y = np.array([label for _, label in items])
                 z = np.concatenate([runner(x[i:i + 32])[0] for i in range(0, len(x), 32)])
-                p = 1.0 / (1.0 + np.exp(-z / spec.temperature))
-                scores[name][split] = (roc_auc_score(y, p), float(((p >= spec.threshold) == y).mean()))
+                p = spec.decision.probability(z)
+                scores[name][split] = (roc_auc_score(y, p), float(((p >= spec.decision.threshold) == y).mean()))
             print(f"{name:<8} {sizes[name] / 1e6:>6.1f} {latency[name]:>7.2f}  " + "  ".join(
                 f"{auc:>15.4f} {acc:>15.4f}" for auc, acc in scores[name].values()))
     for split in splits:

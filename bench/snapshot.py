@@ -25,15 +25,11 @@ import numpy as np
 
 def log_odds(predictor, samples: list, *, batch_size: int = 32) -> np.ndarray:
     """Uncalibrated log-odds of pneumonia for every sample, in order (the predictor's own forward)."""
-    import torch
-
-    from pneumoscan.inference import read_bundle_pixels
-
     chunks = []
     for start in range(0, len(samples), batch_size):
-        pixels = torch.stack([read_bundle_pixels(predictor.spec, s.path) for s in samples[start:start + batch_size]])
-        chunks.extend(predictor.log_odds(pixels))
-    return np.asarray(chunks, dtype=np.float64)
+        pixels = np.stack([predictor.preprocessing.read(s.path) for s in samples[start:start + batch_size]])
+        chunks.append(predictor.forward(pixels)[0])
+    return np.concatenate(chunks).astype(np.float64)
 
 
 def epoch_list(text: str) -> list[int]:
@@ -59,17 +55,18 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from pneumoscan.data import scan_split
+    from pneumoscan.calibration import calibrate_on_validation
+    from pneumoscan.data import read_split, scan_split
     from pneumoscan.errors import PneumoscanError
-    from pneumoscan.evaluation import (calibrate_on_validation, expected_calibration_error, point_metrics,
-                                       sigmoid, split_samples)
     from pneumoscan.inference import Predictor
     from pneumoscan.models import load_bundle
+    from pneumoscan.runtime import TorchRunner
+    from pneumoscan.stats import expected_calibration_error, point_metrics
 
     bundle_dir = args.run / "bundle"
     try:
         net, spec = load_bundle(bundle_dir, check_onnx=False)
-        parts = {"val": split_samples(bundle_dir, args.data)}
+        parts = {"val": read_split(bundle_dir, args.data)}
         if args.test:
             parts["test"] = scan_split(args.data, "test")
     except PneumoscanError as exc:
@@ -87,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         path = args.run / "checkpoints" / f"snapshot-{split}-{name.replace(' ', '')}.npy"
         if path.is_file():
             return np.load(path)
-        values = log_odds(Predictor(member, spec), parts[split])
+        values = log_odds(Predictor(member, spec, TorchRunner(member, spec)), parts[split])
         np.save(path, values)
         return values
 
@@ -108,12 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     print(" ".join(f"{h:>10}" if i else f"{h:<12}" for i, h in enumerate(header)))
     for name, by_split in scores.items():
         calibration = calibrate_on_validation(labels["val"], by_split["val"])
-        t, threshold = calibration.temperature, calibration.operating_points["balanced"]
-        val = point_metrics(labels["val"], sigmoid(by_split["val"] / t), threshold=threshold)
+        decision = calibration.decision
+        t, threshold = decision.temperature, decision.threshold
+        val = point_metrics(labels["val"], decision.probability(by_split["val"]), threshold=threshold)
         cells = [t, threshold, val["loss"], val["roc_auc"], val["accuracy"], val["sensitivity"],
                  val["specificity"]]
         if args.test:
-            prob = sigmoid(by_split["test"] / t)
+            prob = decision.probability(by_split["test"])
             test = point_metrics(labels["test"], prob, threshold=threshold)
             cells += [test["accuracy"], test["roc_auc"], test["sensitivity"], test["specificity"],
                       test["loss"], expected_calibration_error(labels["test"], prob)]

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from dataclasses import asdict
+
 from pneumoscan import __version__
-from pneumoscan.models import BundleSpec
+from pneumoscan.spec import BundleSpec
 
 INTENDED_USE = ("Research and education: pneumonia-vs-normal classification of paediatric "
                 "chest radiographs. Not for clinical use or diagnosis.")
@@ -30,15 +32,26 @@ def _validation_section(spec: BundleSpec) -> dict[str, Any]:
     if not metrics:
         return {}
     points = metrics.get("calibration", {}).get("operating_points") or {
-        spec.default_operating_point: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+        spec.decision.default_operating_point: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
     return {"n": metrics.get("n"), "n_by_class": metrics.get("n_by_class"),
             "source": "patient-grouped validation split carved from train/ (chosen on it)",
             "operating_points": points}
 
 
+#: TrainConfig fields the card shows as the recipe (a test checks that training writes each one),
+#: plus what the run itself adds. ``class_weighting`` is what bundles before ``--class-balance`` wrote.
+RECIPE_KEYS = ("backbone", "weights", "head", "input_size", "equalize", "epochs", "frozen_epochs",
+               "finetune_blocks", "lr", "finetune_lr_factor", "batch_size", "augmentation", "class_balance",
+               "label_smoothing", "ema_decay", "seed", "split_seed")
+RUN_KEYS = ("best_checkpoint", "fit_seconds")
+LEGACY_RECIPE_KEYS = ("class_weighting",)
+
+
 def model_card(spec: BundleSpec) -> dict[str, Any]:
     """The card: identity, data, intended use, metrics per operating point with CIs, calibration."""
-    training = spec.training
+    provenance = spec.provenance
+    training = provenance.training
+    decision = spec.decision
     train_counts = training.get("train_counts") or []
     calibration = spec.val_metrics.get("calibration", {})
     metrics: dict[str, Any] = {}
@@ -48,8 +61,8 @@ def model_card(spec: BundleSpec) -> dict[str, Any]:
     metrics.update(spec.reported_metrics)  # e.g. "test", "validation": values with 95% CIs
     return {
         "name": spec.name,
-        "version": {"pneumoscan": spec.versions.get("pneumoscan", ""), "server": __version__,
-                    "bundle_format": spec.format_version, "created": spec.created},
+        "version": {"pneumoscan": provenance.versions.get("pneumoscan", ""), "server": __version__,
+                    "bundle_format": spec.format_version, "created": provenance.created},
         "weights_sha256": spec.weights_sha256,
         "architecture": {"backbone": spec.backbone, "head": spec.head, "input_size": spec.input_size,
                          "histogram_equalized": spec.equalize,
@@ -64,21 +77,18 @@ def model_card(spec: BundleSpec) -> dict[str, Any]:
             "n_validation": spec.val_metrics.get("n"),
             "n_validation_by_class": spec.val_metrics.get("n_by_class"),
             "validation_split": "patient-grouped, carved from train/ (split.csv in the bundle)",
-            "split_manifest_sha256": spec.split_manifest_sha256,
-            "recipe": {key: training[key] for key in ("backbone", "weights", "epochs", "frozen_epochs",
-                                                      "finetune_blocks", "lr", "batch_size", "augmentation",
-                                                      "class_weighting", "class_balance", "best_checkpoint", "fit_seconds")
+            "split_manifest_sha256": provenance.split_manifest_sha256,
+            "recipe": {key: training[key] for key in RECIPE_KEYS + RUN_KEYS + LEGACY_RECIPE_KEYS
                        if key in training},
         },
-        "decision": {"default_operating_point": spec.default_operating_point, "threshold": spec.threshold,
-                     "threshold_source": spec.threshold_source,
-                     "operating_points": dict(spec.operating_points)},
-        "calibration": {"method": spec.calibration, "temperature": spec.temperature,
+        "decision": {"default_operating_point": decision.default_operating_point, "threshold": decision.threshold,
+                     "threshold_source": decision.threshold_source,
+                     "operating_points": dict(decision.operating_points)},
+        "calibration": {"method": decision.calibration, "temperature": decision.temperature,
                         **{key: calibration[key] for key in ("ece_15_before", "ece_15_after",
                                                              "brier_before", "brier_after", "n")
                            if key in calibration}},
-        "input_gate": {key: spec.gate[key] for key in ("method", "threshold", "quantile", "n_train", "n_val",
-                                                          "synthetic_non_xrays")
-                       if key in spec.gate},
+        "input_gate": ({key: value for key, value in asdict(spec.gate).items() if key not in ("file", "sha256")}
+                       if spec.gate is not None else {}),
         "metrics": metrics,
     }

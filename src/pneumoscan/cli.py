@@ -8,10 +8,14 @@ without a traceback and exit with status 2.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import inspect
 import logging
 import sys
+import typing
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -25,6 +29,8 @@ ModelOption = Annotated[Optional[Path], typer.Option(
 OperatingPointOption = Annotated[Optional[str], typer.Option(
     help="balanced (default), high_sensitivity or high_specificity: thresholds chosen on validation.")]
 TtaOption = Annotated[bool, typer.Option("--tta", help="Average each image's logits with its mirror image.")]
+NoGateOption = Annotated[bool, typer.Option(
+    "--no-gate", help="Do not apply the bundle's input gate (its reasons are still reported).")]
 BackendOption = Annotated[str, typer.Option(
     envvar="PNEUMOSCAN_BACKEND",
     help="auto (ONNX Runtime when the bundle has an ONNX model, else PyTorch), onnxruntime or torch.")]
@@ -35,73 +41,48 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-@app.command()
-def train(
-    data: Annotated[Path, typer.Option(help="Kaggle-layout root holding train/ (and val/).")],
-    out: Annotated[Path, typer.Option(help="Run directory: checkpoints, logs, curves, bundle/.")],
-    backbone: Annotated[str, typer.Option(help="Backbone name (see 'pneumoscan backbones').")] = "efficientnet_lite0",
-    weights: Annotated[str, typer.Option(help="imagenet, none (random init) or a path to a weights file.")] = "imagenet",
-    head: Annotated[str, typer.Option(help="seed (Flatten-512-128-2) or pool (GAP-dropout-2).")] = "pool",
-    input_size: Annotated[int, typer.Option(help="Square input size in pixels.")] = 224,
-    epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping may end sooner).")] = 5,
-    frozen_epochs: Annotated[int, typer.Option(help="Epochs with the whole backbone frozen.")] = 1,
-    finetune_blocks: Annotated[int, typer.Option(help="Backbone blocks unfrozen after the frozen epochs.")] = 5,
-    finetune_lr_factor: Annotated[float, typer.Option(help="LR multiplier for unfrozen blocks.")] = 0.3,
-    lr: Annotated[float, typer.Option(help="Learning rate of the head.")] = 1e-3,
-    weight_decay: float = 1e-4,
-    dropout: float = 0.5,
-    batch_size: Annotated[int, typer.Option(help="Images per training step (16 is fastest on a small CPU).")] = 16,
-    val_fraction: Annotated[float, typer.Option(help="Share of patients carved from train for validation.")] = 0.1,
-    seed: Annotated[int, typer.Option(help="Seed of initialisation and augmentation (and of the split unless --split-seed).")] = 0,
-    split_seed: Annotated[Optional[int], typer.Option(
-        help="Seed of the carved validation split (default: --seed); fix it to compare runs on one split.")] = None,
-    patience: Annotated[int, typer.Option(help="Early-stopping patience on validation loss.")] = 3,
-    rotation: Annotated[float, typer.Option(help="Augmentation: max rotation in degrees.")] = 30.0,
-    translate: Annotated[float, typer.Option(help="Augmentation: max shift as a fraction.")] = 0.2,
-    scale_min: float = 0.8,
-    scale_max: float = 1.2,
-    shear: Annotated[float, typer.Option(help="Augmentation: max shear in degrees.")] = 10.0,
-    brightness: float = 0.2,
-    contrast: Annotated[float, typer.Option(help="Augmentation: contrast jitter factor (0 = off).")] = 0.0,
-    blur_sigma: Annotated[float, typer.Option(help="Augmentation: Gaussian blur up to this sigma on half the images (0 = off).")] = 0.0,
-    hflip: Annotated[bool, typer.Option("--hflip/--no-hflip")] = True,
-    equalize: Annotated[bool, typer.Option("--equalize", help="Histogram-equalise every image after the square resize; the bundle records it, so serving does the same.")] = False,
-    no_augment: Annotated[bool, typer.Option("--no-augment", help="Switch all augmentation off.")] = False,
-    class_balance: Annotated[str, typer.Option(help="Class balancing: weights (inverse-frequency loss weights), sampling (each class drawn equally often) or none.")] = "weights",
-    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the training loss (validation loss stays plain).")] = 0.0,
-    ema_decay: Annotated[Optional[float], typer.Option(help="Keep an exponential moving average of the weights with this per-step decay (e.g. 0.997); validation, checkpoints and the bundle use the average. Default: off.")] = None,
-    keep_epoch_checkpoints: Annotated[bool, typer.Option("--keep-epoch-checkpoints", help="Also keep OUT/checkpoints/epoch=N.ckpt for every epoch (e.g. for snapshot ensembles).")] = False,
-    num_workers: int = 0,
-    accelerator: str = "auto",
-    devices: Annotated[str, typer.Option(help="Lightning devices: auto, a count, or ids.")] = "auto",
-    num_nodes: int = 1,
-    strategy: Annotated[str, typer.Option(help="Lightning strategy, e.g. ddp.")] = "auto",
-    precision: str = "32-true",
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoints/last.ckpt.")] = False,
-    limit_train_batches: Annotated[float, typer.Option(help="Fraction (<=1) or number of train batches per epoch.")] = 1.0,
-    fp32_bundle: Annotated[bool, typer.Option("--fp32-bundle", help="Store float32 weights (default fp16).")] = False,
-) -> None:
+def _train(**values: Any) -> None:
     """Train a classifier and write OUT/bundle (threshold chosen on validation)."""
-    from pneumoscan.data import Augmentation
-    from pneumoscan.training import TrainConfig, train as run_training
+    from pneumoscan.training import Augmentation, train as run_training
+    from pneumoscan.training.config import from_cli
 
-    augmentation = Augmentation.none() if no_augment else Augmentation(
-        rotation_degrees=rotation, translate=translate, scale_min=scale_min, scale_max=scale_max,
-        shear_degrees=shear, brightness=brightness, horizontal_flip=hflip, contrast=contrast,
-        blur_sigma=blur_sigma)
-    config = TrainConfig(
-        data=data, out=out, backbone=backbone, weights=weights, head=head, input_size=input_size,
-        equalize=equalize, dropout=dropout, epochs=epochs, frozen_epochs=frozen_epochs, finetune_blocks=finetune_blocks,
-        lr=lr, finetune_lr_factor=finetune_lr_factor, weight_decay=weight_decay,
-        batch_size=batch_size, val_fraction=val_fraction, seed=seed, split_seed=split_seed, patience=patience,
-        augmentation=augmentation, class_balance=class_balance, label_smoothing=label_smoothing, ema_decay=ema_decay,
-        keep_epoch_checkpoints=keep_epoch_checkpoints, num_workers=num_workers,
-        accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-        precision=precision, resume=resume, half_bundle=not fp32_bundle,
-        limit_train_batches=int(limit_train_batches) if limit_train_batches > 1 else limit_train_batches)
+    no_augment = values.pop("no_augment")
+    config = from_cli(values)
+    if no_augment:
+        config = replace(config, augmentation=Augmentation.none())
     bundle = run_training(config)
     if bundle is not None:
         typer.echo(f"bundle written to {bundle}")
+
+
+def _register_train() -> None:
+    """``pneumoscan train``: one option per TrainConfig field, with the field's default and help."""
+    from pneumoscan.training.config import cli_options
+
+    parameters = []
+    for opt in cli_options():
+        kind = opt.type
+        if type(None) in typing.get_args(kind):  # "int | None" -> Optional[int], which typer reads
+            kind = Optional[next(t for t in typing.get_args(kind) if t is not type(None))]
+        required = opt.default is dataclasses.MISSING
+        info = typer.Option(*opt.flags, help=opt.help, show_default=not required)
+        parameters.append(inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY,
+                                            default=... if required else opt.default,
+                                            annotation=Annotated[kind, info]))
+    parameters.append(inspect.Parameter(
+        "no_augment", inspect.Parameter.KEYWORD_ONLY, default=False,
+        annotation=Annotated[bool, typer.Option("--no-augment", help="Switch all augmentation off.")]))
+
+    def train(**values: Any) -> None:
+        _train(**values)
+
+    train.__doc__ = _train.__doc__
+    train.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    train.__annotations__ = {p.name: p.annotation for p in parameters}
+    app.command()(train)
+
+
+_register_train()
 
 
 @app.command()
@@ -119,7 +100,8 @@ def evaluate(
     backend: BackendOption = "auto",
 ) -> None:
     """Evaluate a bundle on a split: metrics.json with 95% CIs, predictions.csv, plots, report.md."""
-    from pneumoscan.evaluation import METRIC_NAMES, evaluate_folder, record_evaluation
+    from pneumoscan.bundle_tools import record_evaluation
+    from pneumoscan.evaluation import METRIC_NAMES, evaluate_folder
 
     if bootstrap < 100:
         _fail(f"--bootstrap must be at least 100, got {bootstrap}")
@@ -131,6 +113,13 @@ def evaluate(
         m = metrics[name]
         if m["value"] is not None:
             typer.echo(f"  {name:<12} {m['value']:.4f}  (95% CI {m['ci_low']:.4f}-{m['ci_high']:.4f})")
+    gate = metrics["input_gate"]
+    typer.echo(f"input gate not applied (every image scored); it would have refused {gate['would_refuse']} "
+               f"of {metrics['n']}" + (f": {', '.join(f'{k} {v}' for k, v in gate['reasons'].items())}"
+                                       if gate["reasons"] else ""))
+    if metrics["n_unreadable"]:
+        typer.echo(f"warning: {metrics['n_unreadable']} file(s) could not be read and are left out "
+                   f"(listed in {out}/report.md)", err=True)
     typer.echo(f"report written to {out}/report.md")
     if record:
         record_evaluation(model, metrics)
@@ -144,7 +133,7 @@ def calibrate(
     model: ModelOption = None,
 ) -> None:
     """Fit temperature scaling and the three operating points on the bundle's own validation split."""
-    from pneumoscan.evaluation import recalibrate_bundle
+    from pneumoscan.bundle_tools import recalibrate_bundle
 
     report = recalibrate_bundle(model, data, out)
     typer.echo(f"temperature {report['temperature']:.3f}; validation ECE {report['ece_15_before']:.4f} -> "
@@ -163,12 +152,12 @@ def fit_gate(
     quantile: Annotated[float, typer.Option(help="Validation quantile of the distance used as threshold.")] = 0.995,
 ) -> None:
     """Fit the input gate (Mahalanobis distance to training features) on the bundle's own split."""
-    from pneumoscan.evaluation import fit_bundle_gate
+    from pneumoscan.bundle_tools import fit_bundle_gate
 
     info = fit_bundle_gate(model, data, out, quantile=quantile)
-    typer.echo(f"gate threshold {info['threshold']:.3f} ({info['quantile']:.1%} of {info['n_val']} validation "
-               f"images, statistics from {info['n_train']} training images); bundle written to {out}")
-    synthetic = info["synthetic_non_xrays"]
+    typer.echo(f"gate threshold {info.threshold:.3f} ({info.quantile:.1%} of {info.n_val} validation "
+               f"images, statistics from {info.n_train} training images); bundle written to {out}")
+    synthetic = info.synthetic_non_xrays
     typer.echo(f"refuses {synthetic['refused']} of {synthetic['n']} synthetic documents and screenshots")
     if synthetic["refused"] < synthetic["target"] * synthetic["n"]:
         typer.echo(f"warning: this gate refuses fewer than {synthetic['target']:.0%} of the synthetic "
@@ -186,37 +175,51 @@ def predict(
     threshold: Annotated[Optional[float], typer.Option(help="Explicit threshold on P(pneumonia); overrides --operating-point.")] = None,
     tta: TtaOption = False,
     backend: BackendOption = "auto",
+    no_gate: NoGateOption = False,
 ) -> None:
-    """Predict images; exit status 1 if any file could not be read."""
+    """Predict images through the bundle's input gate, as the API does.
+
+    Each image is ok (a label), rejected (the gate's reasons, no label) or error (unreadable).
+    Exit status 0 when every file was read (a refusal is an answer), 1 if any could not be.
+    """
     from pneumoscan.data import collect_image_paths
     from pneumoscan.inference import Predictor
 
     files = collect_image_paths(paths)
     if not files:
-        _fail("no .jpeg/.jpg/.png images found in the given path(s)")
+        _fail("no .jpeg/.jpg/.png/.dcm images found in the given path(s)")
     predictor = Predictor.from_bundle(model, tta=tta, backend=backend)
-    threshold, _ = predictor.threshold_for(operating_point, threshold)
-    outcomes = predictor.predict_paths(files, batch_size=batch_size, threshold=threshold)
+    results = predictor.predict_paths(files, batch_size=batch_size, operating_point=operating_point,
+                                      threshold=threshold, gate=not no_gate)
+    rows = [(r.name, r.status, r.label or "", "" if r.probability is None else f"{r.probability:.6f}",
+             "" if r.threshold is None else f"{r.threshold:.6f}",
+             ";".join(r.reasons) if r.status != "error" else (r.error_code or ""), r.error or "")
+            for r in results]
     if csv_out is not None:
         with csv_out.open("w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(("path", "label", "probability_pneumonia", "threshold"))
-            for o in outcomes:
-                if o.error is None:
-                    writer.writerow((o.path, o.label, f"{o.probability:.6f}", f"{threshold:.6f}"))
-        typer.echo(f"{sum(o.error is None for o in outcomes)} prediction(s) written to {csv_out}")
+            writer.writerow(PREDICTION_COLUMNS)
+            writer.writerows(rows)
+        typer.echo(f"{len(rows)} result(s) written to {csv_out}")
     else:
-        width = max(len(o.path) for o in outcomes)
-        typer.echo(f"{'path':<{width}}  {'label':<9}  p(pneumonia)  threshold")
-        for o in outcomes:
-            if o.error is None:
-                typer.echo(f"{o.path:<{width}}  {o.label:<9}  {o.probability:>12.4f}  {threshold:.4f}")
-    failed = [o for o in outcomes if o.error is not None]
-    for o in failed:
-        typer.echo(f"error: {o.error}", err=True)
-    if failed:
-        typer.echo(f"{len(failed)} of {len(outcomes)} file(s) could not be read", err=True)
+        width = max(len(r.name) for r in results)
+        typer.echo(f"{'path':<{width}}  {'status':<8}  {'label':<9}  p(pneumonia)  threshold  reasons")
+        for path, status, label, probability, cut, reasons, _ in rows:
+            typer.echo(f"{path:<{width}}  {status:<8}  {label or '-':<9}  {probability or '-':>12}  "
+                       f"{cut or '-':>9}  {reasons}".rstrip())
+    counts = {status: sum(r.status == status for r in results) for status in ("ok", "rejected", "error")}
+    typer.echo(f"{counts['ok']} predicted, {counts['rejected']} refused by the input gate"
+               f"{' (off)' if no_gate else ''}, {counts['error']} unreadable", err=True)
+    for r in results:
+        if r.status == "error":
+            typer.echo(f"error: {r.error}", err=True)
+    if counts["error"]:
         raise typer.Exit(1)
+
+
+#: Columns of ``pneumoscan predict --csv``; ``reasons`` holds the gate's reasons (the API's names),
+#: or the error code for unreadable files.
+PREDICTION_COLUMNS = ("path", "status", "label", "probability_pneumonia", "threshold", "reasons", "error")
 
 
 @app.command()
@@ -225,9 +228,14 @@ def explain(
     out: Annotated[Path, typer.Option(help="Folder for the overlays (IMAGE.gradcam.png).")],
     model: ModelOption = None,
     opacity: Annotated[float, typer.Option(help="Heatmap opacity over the X-ray, 0-1.")] = 0.4,
+    no_gate: NoGateOption = False,
 ) -> None:
-    """Grad-CAM overlays of the PNEUMONIA class, with the share of the heatmap on the chest."""
-    from pneumoscan.data import collect_image_paths, load_image
+    """Grad-CAM overlays of the PNEUMONIA class, with the share of the heatmap on the chest.
+
+    Images the input gate refuses get no overlay (unless --no-gate). Exit status 1 if any file
+    could not be read.
+    """
+    from pneumoscan.data import collect_image_paths
     from pneumoscan.explain import overlay
     from pneumoscan.inference import Predictor
 
@@ -235,23 +243,26 @@ def explain(
         _fail(f"--opacity must be between 0 and 1, got {opacity}")
     files = collect_image_paths(images)
     if not files:
-        _fail("no .jpeg/.jpg/.png images found in the given path(s)")
+        _fail("no .jpeg/.jpg/.png/.dcm images found in the given path(s)")
     predictor = Predictor.from_bundle(model)
     out.mkdir(parents=True, exist_ok=True)
     failed = 0
     for path in files:
         try:
-            image = load_image(path)
+            image = predictor.preprocessing.load(path)
         except PneumoscanError as exc:
             typer.echo(f"error: {exc}", err=True)
             failed += 1
             continue
-        prediction = predictor.predict_images([image])[0]
+        result = predictor.predict([image], names=[str(path)], gate=not no_gate)[0]
+        if result.status == "rejected":
+            typer.echo(f"{path}: rejected by the input gate ({', '.join(result.reasons)}); no heatmap")
+            continue
         explanation = predictor.explain(image)
         target = out / f"{path.stem}.gradcam.png"
         overlay(image, explanation.cam, opacity=opacity).save(target)
         warning = "  WARNING: heatmap mostly outside the chest" if explanation.shortcut_warning else ""
-        typer.echo(f"{path}: {prediction.label} p={prediction.probability_pneumonia:.3f}, "
+        typer.echo(f"{path}: {result.label} p={result.probability:.3f}, "
                    f"{explanation.central_share:.0%} of the heatmap on the chest -> {target}{warning}")
     if failed:
         raise typer.Exit(1)
@@ -272,16 +283,15 @@ def export(
 
     real = []
     if data is not None:
-        from pneumoscan.evaluation import split_samples
-        from pneumoscan.inference import read_bundle_pixels
+        from pneumoscan.data import read_split
         from pneumoscan.models import default_bundle_path, read_spec
 
         bundle = model or default_bundle_path()
-        spec = read_spec(bundle)
-        real = [read_bundle_pixels(spec, s.path) for s in split_samples(bundle, data)[:32]]
+        preprocessing = read_spec(bundle).preprocessing
+        real = [preprocessing.read(s.path) for s in read_split(bundle, data)[:32]]
     info = export_bundle_onnx(model, out, real_images=real)
-    checks = ", ".join(f"{name} {value:.1e}" for name, value in info["parity_max_abs_diff"].items())
-    typer.echo(f"model.onnx written (opset {info['opset']}); largest probability difference from PyTorch: "
+    checks = ", ".join(f"{name} {value:.1e}" for name, value in info.parity_max_abs_diff.items())
+    typer.echo(f"model.onnx written (opset {info.opset}); largest probability difference from PyTorch: "
                f"{checks} (limit {PARITY_TOLERANCE:.0e})")
 
 

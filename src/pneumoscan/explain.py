@@ -7,17 +7,39 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
+if TYPE_CHECKING:
+    from pneumoscan.spec import BundleSpec
+
 #: The central box (fractions of width and height) where the lungs and heart lie on a chest film.
 CHEST_BOX: tuple[float, float, float, float] = (0.15, 0.10, 0.85, 0.90)  # left, top, right, bottom
 #: Below this share of the heatmap inside CHEST_BOX the model is looking elsewhere (labels,
 #: borders, devices): a possible shortcut.
 SHORTCUT_SHARE: float = 0.5
+
+
+def explain(model: nn.Module, spec: "BundleSpec", pixels: np.ndarray, *, target: int = 1) -> "Explanation":
+    """Grad-CAM of class ``target`` for one preprocessed image (uint8 ``1 x S x S``).
+
+    Raises:
+        ConfigError: the bundle names no Grad-CAM layer, or its layer gives no spatial map.
+    """
+    from pneumoscan.errors import ConfigError
+    from pneumoscan.models import normalize
+
+    layer = spec.cam_layer or getattr(model, "cam_layer", "")
+    x = normalize(torch.from_numpy(np.ascontiguousarray(pixels))[None], spec.mean, spec.std)
+    try:
+        cam = grad_cam(model, x, layer=layer, target=target)[0]
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"Grad-CAM is not available for {spec.backbone}: {exc}") from None
+    return Explanation(cam=cam, central_share=central_share(cam))
 
 
 @dataclass(frozen=True)

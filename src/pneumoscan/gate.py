@@ -1,8 +1,11 @@
 """The input gate: refuse what cannot be a chest radiograph before trusting a prediction.
 
-Each check returns a machine-readable reason. The image checks run on the decoded image before
-any prediction; the second layer, :class:`FeatureGate`, refuses images whose backbone features lie
-far (Mahalanobis distance) from those of the training X-rays.
+:func:`screen` is the one gate decision; the web app, ``predict``, ``explain``, the bundle tools
+and the benchmarks all reach it through :meth:`pneumoscan.inference.Predictor.predict`. It first
+checks the image itself (size, shape, colour, contrast, DICOM tags), then, only when those pass,
+asks the :class:`FeatureGate` whether the backbone's pooled features lie far (Mahalanobis
+distance) from those of the training X-rays. Each refusal is a machine-readable reason, the
+names the API returns.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-#: ``Image.info`` key where :func:`pneumoscan.data.decode_image` records the source's colourfulness.
+#: ``Image.info`` key where :func:`pneumoscan.imaging.decode_image` records the source's colourfulness.
 COLOURFULNESS_KEY = "pneumoscan_colourfulness"
 #: ``Image.info`` keys where :func:`pneumoscan.data.decode_dicom` records Modality and ViewPosition.
 DICOM_MODALITY_KEY = "pneumoscan_dicom_modality"
@@ -29,23 +32,30 @@ MIN_CONTRAST = 8.0  # standard deviation of grey levels (0-255): below this the 
 MAX_COLOURFULNESS = 12.0  # mean chroma distance from grey (0-255 scale); radiographs are grey
 
 
+_GREY_MODES = frozenset({"L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "1"})
+
+
 def colourfulness(image: Image.Image) -> float:
-    """Mean distance of each pixel's chroma (YCbCr Cb, Cr) from neutral grey, on a 0-255 scale."""
-    if image.mode in ("L", "I", "I;16", "I;16B", "I;16L", "F", "1"):
-        return 0.0
+    """Mean distance of each pixel's chroma (YCbCr Cb, Cr) from neutral grey, on a 0-255 scale.
+
+    A greyscale image made by :func:`pneumoscan.imaging.decode_image` carries its source's value
+    in ``Image.info``; a colour image from anywhere else is measured here.
+    """
+    if image.mode in _GREY_MODES:
+        return float(image.info.get(COLOURFULNESS_KEY, 0.0))
     ycbcr = np.asarray(image.convert("RGB").convert("YCbCr"), dtype=np.float32)
     return float(np.mean(np.abs(ycbcr[..., 1] - 128.0) + np.abs(ycbcr[..., 2] - 128.0)))
 
 
 def image_reasons(image: Image.Image) -> list[str]:
-    """Reasons to refuse a decoded greyscale image; empty when it passes every check."""
+    """Reasons to refuse an image (any mode, any source) by itself; empty when it passes every check."""
     reasons: list[str] = []
     width, height = image.size
     if min(width, height) < MIN_SIDE:
         reasons.append("too_small")
     if max(width, height) / max(min(width, height), 1) > MAX_ASPECT:
         reasons.append("extreme_aspect_ratio")
-    if float(image.info.get(COLOURFULNESS_KEY, 0.0)) > MAX_COLOURFULNESS:
+    if colourfulness(image) > MAX_COLOURFULNESS:
         reasons.append("colour_image")
     if float(np.asarray(image.convert("L"), dtype=np.float32).std()) < MIN_CONTRAST:
         reasons.append("blank_or_constant")
@@ -54,6 +64,34 @@ def image_reasons(image: Image.Image) -> list[str]:
     if image.info.get(DICOM_VIEW_KEY, "") in LATERAL_VIEWS:
         reasons.append("lateral_view")  # the model saw frontal (AP) films only
     return reasons
+
+
+@dataclass(frozen=True)
+class Screening:
+    """The gate's verdict on one image: refusal reasons (none: it passes) and its feature distance."""
+
+    reasons: tuple[str, ...]
+    distance: float | None = None  # Mahalanobis distance to the training features, if gated
+
+    @property
+    def passed(self) -> bool:
+        return not self.reasons
+
+
+def screen(image: Image.Image, features: np.ndarray | None, gate: "FeatureGate | None") -> Screening:
+    """The input-gate decision for one image and its pooled backbone features (``C``).
+
+    The image checks come first; the feature gate is consulted only when they pass (a colour
+    photo's feature distance says nothing more). Without a gate or features, the image checks
+    decide alone.
+    """
+    distance = None
+    if gate is not None and features is not None:
+        distance = float(gate.distances(np.asarray(features)[None])[0])
+    reasons = image_reasons(image)
+    if not reasons and distance is not None and distance > gate.threshold:
+        reasons = ["out_of_distribution"]
+    return Screening(tuple(reasons), distance)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Backbones by name, the classifier around them, and the model bundle."""
 
+from pneumoscan.spec import BundleSpec
+
 from pneumoscan.models import backbones as _backbones  # noqa: F401  (registers the entries)
 from pneumoscan.models.bundle import (
-    BundleSpec,
     default_bundle_path,
     load_bundle,
     read_spec,
@@ -11,9 +12,8 @@ from pneumoscan.models.bundle import (
     verify_bundle,
     verify_part,
 )
+from pneumoscan.models.network import HEADS, Classifier, PixelNetwork, normalize
 from pneumoscan.models.registry import (
-    HEADS,
-    Classifier,
     backbone_info,
     create_classifier,
     list_backbones,
@@ -28,6 +28,8 @@ __all__ = [
     "create_classifier",
     "default_bundle_path",
     "list_backbones",
+    "normalize",
+    "PixelNetwork",
     "load_bundle",
     "read_spec",
     "rewrite_bundle",

@@ -1,113 +1,35 @@
 """The model bundle: the only thing that crosses from training to serving.
 
 A bundle is a directory with ``model.safetensors`` (the plain :class:`Classifier` state dict)
-and ``model.json`` (:class:`BundleSpec`: architecture, preprocessing, class names, operating
-threshold, validation metrics, provenance, and the weights' sha256, checked on every load).
-It may also hold ``split.csv``, the train/validation split it was trained on.
+and ``model.json`` (:class:`~pneumoscan.spec.BundleSpec`: architecture, preprocessing, the
+decision, the gate, the ONNX graph, provenance, and the sha256 of every file, checked on every
+load). It may also hold ``split.csv``, the train/validation split it was trained on.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
+from pneumoscan.data import SPLIT_FILE
 from pneumoscan.errors import BundleError, PneumoscanError
-from pneumoscan.models.registry import Classifier, create_classifier
+from pneumoscan.models.network import Classifier
+from pneumoscan.models.registry import create_classifier
+from pneumoscan.spec import BundleSpec, GateInfo, OnnxInfo
 
-FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
-SPLIT_FILE = "split.csv"
 
-
-@dataclass(frozen=True)
-class BundleSpec:
-    """Everything needed to rebuild, feed and interpret the network."""
-
-    backbone: str
-    head: str
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    # Histogram equalisation after the square resize (data.square_resize); False for bundles
-    # written before the option existed, which is what they were trained with.
-    equalize: bool = False
-    class_names: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
-    dropout: float = 0.5
-    threshold: float = 0.5  # the default operating point's threshold on calibrated P(pneumonia)
-    threshold_source: str = "default"  # "validation_youden" when chosen on validation
-    # Temperature scaling fitted on validation: P = softmax(logits / temperature).
-    # "none" (temperature 1, threshold 0.5 unless chosen) for bundles written without it.
-    temperature: float = 1.0
-    calibration: str = "none"
-    operating_points: dict[str, float] = field(default_factory=dict)  # name -> threshold
-    default_operating_point: str = "balanced"
-    # Input gate's feature statistics (gate.safetensors): {"file", "sha256", "threshold", ...}.
-    gate: dict[str, Any] = field(default_factory=dict)
-    cam_layer: str = ""
-    name: str = "pneumoscan-model"
-    weights_sha256: str = ""
-    weights_dtype: str = "float32"
-    val_metrics: dict[str, Any] = field(default_factory=dict)
-    # The network exported to ONNX (``pneumoscan export``): {"file", "sha256", "opset", ...}.
-    onnx: dict[str, Any] = field(default_factory=dict)
-    # Figures with 95% CIs per operating point, by split, from ``pneumoscan evaluate --record``.
-    reported_metrics: dict[str, Any] = field(default_factory=dict)
-    training: dict[str, Any] = field(default_factory=dict)
-    split_manifest_sha256: str = ""
-    versions: dict[str, str] = field(default_factory=dict)
-    created: str = ""
-    format_version: int = FORMAT_VERSION
-
-    def to_json(self) -> str:
-        """Pretty JSON text of the spec."""
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str, *, source: str = "model.json") -> "BundleSpec":
-        """Parse and validate ``model.json``.
-
-        Raises:
-            BundleError: not JSON, an unknown format version, or missing required fields.
-        """
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise BundleError(f"{source} is not valid JSON ({exc})") from None
-        if not isinstance(raw, dict):
-            raise BundleError(f"{source} must hold a JSON object")
-        version = raw.get("format_version")
-        if version != FORMAT_VERSION:
-            raise BundleError(
-                f"{source} has bundle format version {version!r}; this pneumoscan reads version "
-                f"{FORMAT_VERSION}. Re-export the bundle with a matching pneumoscan version."
-            )
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in raw.items() if k in known}
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.name not in values and f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING]
-        if missing:
-            raise BundleError(f"{source} lacks the field(s): {', '.join(missing)}")
-        for key in ("mean", "std", "class_names"):
-            if key in values:
-                values[key] = tuple(values[key])
-        return cls(**values)
-
-    def replace(self, **changes: Any) -> "BundleSpec":
-        """A copy with some fields changed."""
-        return dataclasses.replace(self, **changes)
+__all__ = ["SPEC_FILE", "SPLIT_FILE", "WEIGHTS_FILE", "BundleSpec", "default_bundle_path", "load_bundle",
+           "read_spec", "rewrite_bundle", "save_bundle", "sha256_file", "verify_bundle", "verify_part"]
 
 
 def sha256_file(path: Path) -> str:
@@ -192,14 +114,14 @@ def read_spec(directory: str | Path) -> BundleSpec:
     return BundleSpec.from_json(spec_path.read_text(), source=str(spec_path))
 
 
-def verify_part(directory: Path, part: dict[str, Any]) -> None:
-    """Check one listed file of a bundle (``{"file", "sha256"}``: the gate, the ONNX model).
+def verify_part(directory: Path, part: GateInfo | OnnxInfo) -> None:
+    """Check one listed file of a bundle (the gate, the ONNX model) against its sha256.
 
     Raises:
         BundleError: the file is missing or its sha256 differs.
     """
-    path = directory / part["file"]
-    if not path.is_file() or sha256_file(path) != part.get("sha256"):
+    path = Path(directory) / part.file
+    if not path.is_file() or sha256_file(path) != part.sha256:
         raise BundleError(f"{path} is missing, corrupt or was modified; refusing to load the bundle")
 
 
@@ -223,8 +145,8 @@ def verify_bundle(directory: str | Path, *, check_onnx: bool = True) -> BundleSp
             "re-export or re-download the bundle."
         )
     # The input gate and the ONNX model are checked like the weights.
-    for part in (spec.gate, spec.onnx if check_onnx else {}):
-        if part:
+    for part in (spec.gate, spec.onnx if check_onnx else None):
+        if part is not None:
             verify_part(directory, part)
     return spec
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 from torch import nn
 
 from pneumoscan.errors import ConfigError
+from pneumoscan.models.network import HEADS, Classifier, build_head
 
-HeadName = Literal["seed", "pool"]
-HEADS: tuple[str, ...] = ("seed", "pool")
 #: ``"imagenet"``, ``"none"`` (random init) or a path to a local weights file.
 WeightsSource = str
 
@@ -84,46 +83,6 @@ def backbone_info(name: str) -> BackboneInfo:
         raise ConfigError(
             f"unknown backbone '{name}'; choose one of: {', '.join(list_backbones())}"
         ) from None
-
-
-class Classifier(nn.Module):
-    """Backbone features -> head -> 2 logits. Input: normalised float ``B x 3 x S x S``."""
-
-    def __init__(self, features: nn.Module, head: nn.Module, *, blocks: list[nn.Module],
-                 cam_layer: str) -> None:
-        super().__init__()
-        self.features = features
-        self.head = head
-        # Plain list, not a ModuleList: the blocks are already registered under ``features``.
-        self._blocks = blocks
-        self.cam_layer = f"features.{cam_layer}"
-
-    @property
-    def blocks(self) -> list[nn.Module]:
-        """Backbone stages, shallow to deep."""
-        return self._blocks
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-def build_head(name: str, *, num_features: int, feature_hw: tuple[int, int], num_classes: int = 2,
-               dropout: float = 0.5) -> nn.Module:
-    """``seed``: the original Flatten -> 512 -> 128 -> 2 head; ``pool``: GAP -> dropout -> 2."""
-    if name == "seed":
-        flat = num_features * feature_hw[0] * feature_hw[1]
-        return nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(flat, 512), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(512, 128), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(128, num_classes),
-        )
-    if name == "pool":
-        return nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
-            nn.Linear(num_features, num_classes),
-        )
-    raise ConfigError(f"unknown head '{name}'; choose one of: {', '.join(HEADS)}")
 
 
 def create_classifier(backbone: str, *, weights: WeightsSource = "none", head: str = "pool",

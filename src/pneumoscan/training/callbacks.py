@@ -16,7 +16,7 @@ class StagedFinetuning(BaseFinetuning):
     eval mode so that they use their pretrained running statistics, as they will at inference.
     """
 
-    def __init__(self, *, unfreeze_at_epoch: int, blocks: int, lr_factor: float = 0.1) -> None:
+    def __init__(self, *, unfreeze_at_epoch: int, blocks: int, lr_factor: float) -> None:
         super().__init__()
         self.unfreeze_at_epoch = unfreeze_at_epoch
         self.blocks = blocks

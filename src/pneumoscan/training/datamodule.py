@@ -1,25 +1,54 @@
-"""The LightningDataModule: which splits, which transforms (built on :mod:`pneumoscan.data`)."""
+"""The LightningDataModule: which splits, which transforms (built on :mod:`pneumoscan.data`).
+
+Its defaults are :class:`~pneumoscan.training.config.TrainConfig`'s, so a run configured in code
+and one started from the CLI load the same batches.
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+from typing import Any, Callable
+
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Sampler, WeightedRandomSampler
+from torchvision.transforms import v2
 
+from pneumoscan.data import Split, XrayDataset, carve_validation, class_counts, scan_split
 from pneumoscan.errors import DatasetError
-from pneumoscan.data import (
-    Augmentation,
-    Split,
-    XrayDataset,
-    carve_validation,
-    class_counts,
-    scan_split,
-)
+from pneumoscan.imaging import Preprocessing
+from pneumoscan.training.config import Augmentation, TrainConfig
 
 log = logging.getLogger(__name__)
+
+_DEFAULTS = TrainConfig.__dataclass_fields__
+
+
+def _default(name: str) -> Any:
+    return _DEFAULTS[name].default
+
+
+def augmentation_pipeline(augmentation: Augmentation) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A transforms-v2 pipeline on uint8 ``1 x H x W`` tensors."""
+    a = augmentation
+    steps: list[torch.nn.Module] = []
+    if a.rotation_degrees or a.translate or a.shear_degrees or (a.scale_min, a.scale_max) != (1.0, 1.0):
+        steps.append(v2.RandomAffine(
+            degrees=a.rotation_degrees,
+            translate=(a.translate, a.translate) if a.translate else None,
+            scale=(a.scale_min, a.scale_max),
+            shear=a.shear_degrees or None,
+            interpolation=v2.InterpolationMode.BILINEAR,
+        ))
+    if a.brightness or a.contrast:
+        steps.append(v2.ColorJitter(brightness=a.brightness or None, contrast=a.contrast or None))
+    if a.blur_sigma:
+        steps.append(v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, a.blur_sigma))], p=0.5))
+    if a.horizontal_flip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps) if steps else v2.Identity()
 
 
 class ChestXrayDataModule(pl.LightningDataModule):
@@ -30,11 +59,11 @@ class ChestXrayDataModule(pl.LightningDataModule):
     class-stratified validation split of ``val_fraction`` is carved. ``test/`` is never read here.
     """
 
-    def __init__(self, root: str | Path, *, input_size: int = 224,
-                 augmentation: Augmentation = Augmentation(), batch_size: int = 32,
-                 num_workers: int = 0, val_fraction: float = 0.1, seed: int = 0,
-                 split_seed: int | None = None, balanced_sampling: bool = False,
-                 equalize: bool = False) -> None:
+    def __init__(self, root: str | Path, *, input_size: int = _default("input_size"),
+                 augmentation: Augmentation = Augmentation(), batch_size: int = _default("batch_size"),
+                 num_workers: int = _default("num_workers"), val_fraction: float = _default("val_fraction"),
+                 seed: int = _default("seed"), split_seed: int | None = _default("split_seed"),
+                 balanced_sampling: bool = False, equalize: bool = _default("equalize")) -> None:
         super().__init__()
         self.root = Path(root)
         self.input_size = input_size
@@ -54,6 +83,14 @@ class ChestXrayDataModule(pl.LightningDataModule):
         self.train_set: XrayDataset | None = None
         self.val_set: XrayDataset | None = None
 
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> "ChestXrayDataModule":
+        """The datamodule a training run configured by ``config`` uses."""
+        return cls(config.data, input_size=config.input_size, augmentation=config.augmentation,
+                   batch_size=config.batch_size, num_workers=config.num_workers,
+                   val_fraction=config.val_fraction, seed=config.seed, split_seed=config.split_seed,
+                   balanced_sampling=config.class_balance == "sampling", equalize=config.equalize)
+
     def setup(self, stage: str | None = None) -> None:
         if self.split is not None:
             return
@@ -65,9 +102,10 @@ class ChestXrayDataModule(pl.LightningDataModule):
         self.split = carve_validation(pool, fraction=self.val_fraction, seed=self.split_seed)
         log.info("train %s, validation %s (NORMAL, PNEUMONIA)",
                  class_counts(self.split.train), class_counts(self.split.val))
-        self.train_set = XrayDataset(self.split.train, size=self.input_size,
-                                     augment=self.augmentation.transform(), equalize=self.equalize)
-        self.val_set = XrayDataset(self.split.val, size=self.input_size, equalize=self.equalize)
+        preprocessing = Preprocessing(size=self.input_size, equalize=self.equalize)
+        self.train_set = XrayDataset(self.split.train, preprocessing,
+                                     augment=augmentation_pipeline(self.augmentation))
+        self.val_set = XrayDataset(self.split.val, preprocessing)
 
     def class_weights(self) -> tuple[float, float]:
         """Inverse-frequency weights, normalised so a balanced set gets (1, 1)."""

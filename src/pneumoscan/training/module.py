@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import BinaryAUROC, BinaryAccuracy
 
-from pneumoscan.data import normalize
-from pneumoscan.models import Classifier
+from pneumoscan.models import Classifier, normalize
+from pneumoscan.training.config import TrainConfig
 
 
 class PneumoniaClassifier(pl.LightningModule):
@@ -22,7 +22,8 @@ class PneumoniaClassifier(pl.LightningModule):
     """
 
     def __init__(self, net: Classifier, *, mean: tuple[float, float, float],
-                 std: tuple[float, float, float], lr: float = 1e-3, weight_decay: float = 1e-4,
+                 std: tuple[float, float, float], lr: float = TrainConfig.lr,
+                 weight_decay: float = TrainConfig.weight_decay,
                  class_weights: tuple[float, float] | None = None,
                  val_class_weights: tuple[float, float] | None = None, plateau_patience: int = 1,
                  plateau_factor: float = 0.3, label_smoothing: float = 0.0) -> None:

@@ -47,7 +47,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     predictor = Predictor.from_bundle(app.config["MODEL_DIR"], backend=app.config["BACKEND"],
                                       allow_torch_fallback=app.config["ALLOW_TORCH_FALLBACK"])  # checks sha256s
     # One warm-up inference before /readyz says yes: the first real request pays no start-up cost.
-    predictor.predict_images([Image.new("L", (predictor.spec.input_size,) * 2)])
+    predictor.predict([Image.new("L", (predictor.spec.input_size,) * 2)])
     app.extensions["pneumoscan"] = predictor
     app.extensions["pneumoscan_audit"] = AuditLog(app.config["AUDIT_LOG"]) if app.config["AUDIT_LOG"] else None
     app.extensions["pneumoscan_metrics"] = install_metrics(app)

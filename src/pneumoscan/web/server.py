@@ -49,7 +49,7 @@ def run_gunicorn(*, model_dir: Path | None, host: str, port: int, workers: int |
         ConfigError: a setting is invalid.
     """
     from pneumoscan.errors import ConfigError
-    from pneumoscan.export import usable_cores
+    from pneumoscan.runtime import usable_cores
     from pneumoscan.web.audit import AuditLog
     from pneumoscan.web.config import load_config
 

@@ -11,7 +11,6 @@ from PIL import Image
 
 from pneumoscan.errors import InvalidImageError, PneumoscanError
 from pneumoscan.explain import heatmap, overlay, png_bytes
-from pneumoscan.gate import image_reasons
 from pneumoscan.inference import Predictor
 
 
@@ -75,46 +74,44 @@ def predict_uploads(*, layers: bool = False) -> list[dict[str, Any]]:
     explain = request.values.get("explain", "").lower() in ("1", "true", "yes", "on")
     operating_point = request.values.get("operating_point") or None
     threshold = _float_or_none(request.values.get("threshold"))
-    model.threshold_for(operating_point, threshold)  # a bad choice fails the request up front
+    model.decision.threshold_for(operating_point, threshold)  # a bad choice fails the request up front
     results: list[dict[str, Any]] = []
     for upload in files:
         name = _safe_name(upload.filename)
         data = upload.read()
         digest = hashlib.sha256(data).hexdigest()
         try:
-            image = model.decode(data, name=name)
+            image = model.preprocessing.decode(data, name=name)
         except InvalidImageError as exc:
             results.append({"filename": name, "status": "error", "image_sha256": digest,
                             "error": {"code": exc.code, "message": str(exc)},
                             "http_status": exc.http_status})
             continue
-        reasons = image_reasons(image)
-        if reasons:
-            results.append({"filename": name, "status": "rejected", "image_sha256": digest, "reasons": reasons})
+        result = model.predict([image], names=[name], operating_point=operating_point, threshold=threshold)[0]
+        if result.status == "rejected":
+            entry: dict[str, Any] = {"filename": name, "status": "rejected", "image_sha256": digest,
+                                     "reasons": list(result.reasons)}
+            if "out_of_distribution" in result.reasons and result.distance is not None:
+                entry["ood_distance"] = round(result.distance, 3)
+            results.append(entry)
             continue
-        prediction = model.predict_images([image], operating_point=operating_point, threshold=threshold)[0]
-        if model.is_out_of_distribution(prediction):
-            results.append({"filename": name, "status": "rejected", "image_sha256": digest,
-                            "reasons": ["out_of_distribution"],
-                            "ood_distance": round(prediction.ood_distance, 3)})
-            continue
-        result: dict[str, Any] = {
-            "filename": name, "status": "ok", "image_sha256": digest, "label": prediction.label,
-            "probability_pneumonia": round(prediction.probability_pneumonia, 6),
-            "threshold": round(prediction.threshold, 6),
-            "operating_point": prediction.operating_point,
+        entry = {
+            "filename": name, "status": "ok", "image_sha256": digest, "label": result.label,
+            "probability_pneumonia": round(result.probability, 6),
+            "threshold": round(result.threshold, 6),
+            "operating_point": result.operating_point,
         }
         if explain:
             explanation = model.explain(image)
-            square = Image.fromarray(model.preprocess(image)[0].numpy())  # exactly what the model saw
+            square = Image.fromarray(model.preprocessing.pixels(image)[0])  # exactly what the model saw
             if layers:
-                result["xray_png"] = _png_base64(square)
-                result["heatmap_png"] = _png_base64(heatmap(explanation.cam, square.size))
+                entry["xray_png"] = _png_base64(square)
+                entry["heatmap_png"] = _png_base64(heatmap(explanation.cam, square.size))
             else:
-                result["gradcam_png"] = _png_base64(overlay(square, explanation.cam))
-            result["gradcam_central_share"] = round(explanation.central_share, 4)
-            result["gradcam_shortcut_warning"] = explanation.shortcut_warning
-        results.append(result)
+                entry["gradcam_png"] = _png_base64(overlay(square, explanation.cam))
+            entry["gradcam_central_share"] = round(explanation.central_share, 4)
+            entry["gradcam_shortcut_warning"] = explanation.shortcut_warning
+        results.append(entry)
     _account(results)
     return results
 

@@ -15,7 +15,8 @@ CARD_METRICS = ("accuracy", "roc_auc", "sensitivity", "specificity", "f1_weighte
 
 def _page(results=None, error=None):
     model = predictor()
-    return render_template("index.html", spec=model.spec, operating_points=model.operating_points,
+    return render_template("index.html", spec=model.spec, decision=model.decision,
+                           operating_points=model.operating_points,
                            results=results, error=error)
 
 

@@ -1,0 +1,121 @@
+"""What validation decides: temperature scaling and the named operating points.
+
+Training (when it writes a bundle) and the bundle tools (``pneumoscan calibrate``) both call
+:func:`calibrate_on_validation`; nothing else fits a temperature or chooses a threshold. Never fit
+on test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from pneumoscan.spec import Decision
+from pneumoscan.stats import brier_score, expected_calibration_error, point_metrics, sigmoid
+
+OPERATING_POINTS: tuple[str, ...] = ("balanced", "high_sensitivity", "high_specificity")
+#: The sensitivity (specificity) that ``high_sensitivity`` (``high_specificity``) keeps on validation.
+TARGET = 0.95
+
+
+def youden_threshold(y_true: Sequence[int], y_score: Sequence[float]) -> float:
+    """The threshold maximising sensitivity + specificity - 1 (Youden's J) on these scores."""
+    from sklearn.metrics import roc_curve
+
+    y_true = np.asarray(y_true)
+    if len(np.unique(y_true)) < 2:
+        return 0.5
+    fpr, tpr, thresholds = roc_curve(y_true, y_score)
+    best = int(np.argmax(tpr - fpr))
+    return float(np.clip(thresholds[best], 0.0, 1.0))
+
+
+def fit_temperature(y_true: Sequence[int], log_odds: Sequence[float]) -> float:
+    """Temperature T minimising the NLL of sigmoid(log_odds / T) (temperature scaling)."""
+    from scipy.optimize import minimize_scalar
+
+    y = np.asarray(y_true, dtype=np.float64)
+    z = np.asarray(log_odds, dtype=np.float64)
+
+    def nll(log_t: float) -> float:
+        scaled = z / np.exp(log_t)
+        # log(1 + exp(-s)) written stably for both signs
+        return float(np.mean(np.logaddexp(0, -scaled) * y + np.logaddexp(0, scaled) * (1 - y)))
+
+    result = minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded")
+    return float(np.exp(result.x))
+
+
+def operating_thresholds(y_true: Sequence[int], prob: Sequence[float], *, target: float = TARGET) -> dict[str, float]:
+    """Thresholds on P(pneumonia) chosen on (validation) scores.
+
+    ``balanced``: Youden's J. ``high_sensitivity``: the most specific threshold whose
+    sensitivity is >= ``target``; ``high_specificity``: the most sensitive threshold whose
+    specificity is >= ``target``. Each is clamped to the far side of ``balanced`` so the names
+    keep their meaning: high_sensitivity never calls less pneumonia than balanced does.
+    """
+    from sklearn.metrics import roc_curve
+
+    y = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(prob, dtype=np.float64)
+    fpr, tpr, thresholds = roc_curve(y, p)
+    thresholds = np.clip(thresholds, 0.0, 1.0)
+    sensitive = np.flatnonzero(tpr >= target)
+    specific = np.flatnonzero(1 - fpr >= target)
+    balanced = youden_threshold(y, p)
+    high_sensitivity = float(thresholds[sensitive[0]]) if sensitive.size else 0.0
+    high_specificity = float(thresholds[specific[-1]]) if specific.size else 1.0
+    return {
+        "balanced": balanced,
+        "high_sensitivity": min(high_sensitivity, balanced),
+        "high_specificity": max(high_specificity, balanced),
+    }
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The bundle's new decision part and the validation figures behind it."""
+
+    decision: Decision
+    report: dict[str, Any]
+
+    @property
+    def temperature(self) -> float:
+        return self.decision.temperature
+
+    @property
+    def operating_points(self) -> dict[str, float]:
+        return dict(self.decision.operating_points)
+
+    def validation_metrics(self, **extra: Any) -> dict[str, Any]:
+        """``BundleSpec.val_metrics``: the balanced point's figures, n, the whole report, and ``extra``."""
+        return {**self.report["operating_points"]["balanced"], "n": self.report["n"], **extra,
+                "calibration": self.report}
+
+
+def calibrate_on_validation(y_true: Sequence[int], log_odds: Sequence[float]) -> Calibration:
+    """Fit temperature scaling, then choose the operating points on calibrated probabilities."""
+    y = np.asarray(y_true, dtype=np.int64)
+    z = np.asarray(log_odds, dtype=np.float64)
+    temperature = fit_temperature(y, z)
+    raw, calibrated = sigmoid(z), sigmoid(z / temperature)
+    points = operating_thresholds(y, calibrated)
+    report = {
+        "n": int(len(y)),
+        "temperature": round(temperature, 6),
+        "ece_15_before": round(expected_calibration_error(y, raw), 6),
+        "ece_15_after": round(expected_calibration_error(y, calibrated), 6),
+        "brier_before": round(brier_score(y, raw), 6),
+        "brier_after": round(brier_score(y, calibrated), 6),
+        "operating_points": {
+            name: {"threshold": round(t, 6),
+                   **{k: round(v, 6) for k, v in point_metrics(y, calibrated, threshold=t).items()}}
+            for name, t in points.items()
+        },
+    }
+    decision = Decision(threshold=points["balanced"], threshold_source="validation_youden",
+                        temperature=temperature, calibration="temperature_scaling_on_validation",
+                        operating_points=points, default_operating_point="balanced")
+    return Calibration(decision, report)

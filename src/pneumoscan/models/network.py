@@ -1,0 +1,95 @@
+"""The plain network: backbone features, a head, and the one "uint8 pixels -> log-odds" module.
+
+:class:`Classifier` exposes ``forward_features`` and ``forward_head`` (timm's split), so Grad-CAM
+reads the feature map and fine-tuning swaps stages without knowing the backbone.
+:class:`PixelNetwork` wraps it with the backbone's normalisation: the exported ONNX graph, the
+PyTorch runtime, training's validation pass and the benchmarks all run exactly this module.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from pneumoscan.errors import ConfigError
+
+HEADS: tuple[str, ...] = ("seed", "pool")
+
+
+def normalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 ``(..., 1, H, W)`` -> float ``(..., 3, H, W)`` in the backbone's normalisation."""
+    x = batch.float() / 255.0
+    x = x.expand(*([-1] * (x.ndim - 3)), 3, -1, -1)  # -1 keeps a size: the batch stays dynamic in ONNX
+    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return (x - mean_t) / std_t
+
+
+class Classifier(nn.Module):
+    """Backbone features -> head -> 2 logits. Input: normalised float ``B x 3 x S x S``."""
+
+    def __init__(self, features: nn.Module, head: nn.Module, *, blocks: list[nn.Module],
+                 cam_layer: str) -> None:
+        super().__init__()
+        self.features = features
+        self.head = head
+        # Plain list, not a ModuleList: the blocks are already registered under ``features``.
+        self._blocks = blocks
+        self.cam_layer = f"features.{cam_layer}"
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """Backbone stages, shallow to deep."""
+        return self._blocks
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images -> the backbone's last feature map (``B x C x h x w``)."""
+        return self.features(x)
+
+    def forward_head(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """Feature map -> the two class logits (NORMAL, PNEUMONIA)."""
+        return self.head(feature_map)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def build_head(name: str, *, num_features: int, feature_hw: tuple[int, int], num_classes: int = 2,
+               dropout: float = 0.5) -> nn.Module:
+    """``seed``: the original Flatten -> 512 -> 128 -> 2 head; ``pool``: GAP -> dropout -> 2."""
+    if name == "seed":
+        flat = num_features * feature_hw[0] * feature_hw[1]
+        return nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(flat, 512), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(512, 128), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(128, num_classes),
+        )
+    if name == "pool":
+        return nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+            nn.Linear(num_features, num_classes),
+        )
+    raise ConfigError(f"unknown head '{name}'; choose one of: {', '.join(HEADS)}")
+
+
+class PixelNetwork(nn.Module):
+    """uint8 ``B x 1 x S x S`` pixels -> (uncalibrated log-odds of pneumonia ``B``, pooled features ``B x C``).
+
+    The log-odds are logit(PNEUMONIA) - logit(NORMAL); the features are the last feature map
+    averaged over space, which the input gate measures.
+    """
+
+    def __init__(self, net: Classifier, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.net = net
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feature_map = self.net.forward_features(normalize(pixels, self.mean, self.std))
+        logits = self.net.forward_head(feature_map)
+        pooled = feature_map.mean(dim=(2, 3)) if feature_map.ndim == 4 else feature_map
+        return logits[:, 1] - logits[:, 0], pooled

@@ -1,0 +1,140 @@
+"""What runs the network: ONNX Runtime or PyTorch, behind one interface.
+
+A runner is called with uint8 pixels ``B x 1 x S x S`` (what :class:`~pneumoscan.imaging.Preprocessing`
+makes) and returns ``(log_odds B, pooled features B x C)`` as float numpy arrays: the
+uncalibrated logit of pneumonia and the features the input gate measures. Both runners compute
+:class:`pneumoscan.models.PixelNetwork`; the ONNX graph is that module, exported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from pneumoscan.errors import BundleError, ConfigError
+from pneumoscan.spec import BundleSpec
+
+if TYPE_CHECKING:
+    from pneumoscan.models import Classifier
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "onnxruntime", "torch")
+
+
+class Runner(Protocol):
+    """uint8 ``B x 1 x S x S`` -> (log-odds ``B``, pooled features ``B x C``)."""
+
+    name: str
+
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def usable_cores() -> int:
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_threads() -> int:
+    """ONNX Runtime's threads: ``PNEUMOSCAN_INFERENCE_THREADS``, else every usable core.
+
+    Raises:
+        ConfigError: the variable is not a positive whole number.
+    """
+    configured = os.environ.get("PNEUMOSCAN_INFERENCE_THREADS")
+    if configured:
+        if not configured.isdigit() or int(configured) < 1:
+            raise ConfigError(f"PNEUMOSCAN_INFERENCE_THREADS must be a positive whole number, got {configured!r}")
+        return int(configured)
+    return usable_cores()
+
+
+class OnnxRunner:
+    """An ONNX Runtime session over the exported graph, sized for a small CPU."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, *, threads: int | None = None) -> None:
+        """Raises:
+            ConfigError: onnxruntime is not installed.
+            BundleError: the file is not a usable ONNX model.
+        """
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ConfigError("onnxruntime is not installed (pip install onnxruntime)") from None
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or default_threads()
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise BundleError(f"{path} is not a usable ONNX model: {str(exc).splitlines()[0]}") from None
+
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        log_odds, features = self.session.run(None, {"pixels": np.ascontiguousarray(pixels, dtype=np.uint8)})
+        return log_odds.astype(np.float64), features
+
+
+class TorchRunner:
+    """The PyTorch network (eval mode, no gradients)."""
+
+    name = "torch"
+
+    def __init__(self, model: "Classifier", spec: BundleSpec) -> None:
+        from pneumoscan.models import PixelNetwork
+
+        self.network = PixelNetwork(model.eval(), spec.mean, spec.std).eval()
+
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            log_odds, features = self.network(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.uint8)))
+        return log_odds.double().numpy(), features.numpy()
+
+
+def open_runner(directory: Path, spec: BundleSpec, model: "Classifier", *, backend: str = "auto",
+                allow_torch_fallback: bool = False) -> Runner:
+    """The runner ``backend`` asks for: ``onnxruntime``, ``torch``, or ``auto`` (ONNX Runtime when
+    the bundle has an exported graph and onnxruntime is installed, PyTorch otherwise).
+
+    With ``allow_torch_fallback``, an ONNX file that is tampered or unusable gives a warning and
+    the PyTorch runner; without it, an error.
+
+    Raises:
+        ConfigError: an unknown backend, or ``onnxruntime`` when the bundle has no ONNX model or
+            onnxruntime is not installed.
+        BundleError: the ONNX file is tampered or unusable, and fallback is not allowed.
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown inference backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return TorchRunner(model, spec)
+    if spec.onnx is None:
+        if backend == "onnxruntime":
+            raise ConfigError(f"{directory} has no ONNX model; run 'pneumoscan export --model {directory}' first")
+        return TorchRunner(model, spec)
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        if backend == "onnxruntime":
+            raise ConfigError("the onnxruntime backend needs the onnxruntime package (pip install onnxruntime)") from None
+        return TorchRunner(model, spec)
+    from pneumoscan.models import verify_part
+
+    try:
+        verify_part(directory, spec.onnx)
+        return OnnxRunner(directory / spec.onnx.file)
+    except BundleError as exc:
+        if not allow_torch_fallback:
+            raise
+        log.warning("%s; running the network on PyTorch instead", exc)
+        return TorchRunner(model, spec)

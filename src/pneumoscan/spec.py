@@ -1,0 +1,209 @@
+"""``model.json``: what a bundle says about its network, as a frozen dataclass with typed parts.
+
+:class:`BundleSpec` holds the architecture and preprocessing facts as plain fields, and four typed
+parts: :class:`Decision` (temperature and thresholds, chosen on validation), :class:`GateInfo`
+(the input gate's file and threshold), :class:`OnnxInfo` (the exported graph) and
+:class:`Provenance` (how the weights were made). Version 1 files (flat keys) still load.
+
+No torch here: reading a spec, deciding a label and describing a model need numpy only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from pneumoscan.errors import BundleError, ConfigError
+from pneumoscan.imaging import Preprocessing
+from pneumoscan.stats import sigmoid
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How log-odds become a label: temperature scaling, then a named threshold on P(pneumonia)."""
+
+    threshold: float = 0.5  # the default operating point's threshold on calibrated P(pneumonia)
+    threshold_source: str = "default"  # "validation_youden" when chosen on validation
+    temperature: float = 1.0  # P = sigmoid(log_odds / temperature)
+    calibration: str = "none"  # "temperature_scaling_on_validation" when fitted there
+    operating_points: Mapping[str, float] = field(default_factory=dict)  # name -> threshold
+    default_operating_point: str = "balanced"
+
+    @property
+    def points(self) -> dict[str, float]:
+        """Named thresholds (at least the default one)."""
+        return dict(self.operating_points) or {self.default_operating_point: self.threshold}
+
+    def threshold_for(self, operating_point: str | None = None,
+                      threshold: float | None = None) -> tuple[float, str]:
+        """``(threshold, operating point name)``: an explicit threshold wins, then a named point.
+
+        Raises:
+            ConfigError: an unknown operating point or a threshold outside [0, 1].
+        """
+        if threshold is not None:
+            if math.isnan(threshold) or not 0.0 <= threshold <= 1.0:
+                raise ConfigError(f"threshold must be between 0 and 1, got {threshold}")
+            return float(threshold), "custom"
+        name = operating_point or self.default_operating_point
+        points = self.points
+        if name not in points:
+            raise ConfigError(f"unknown operating point '{name}'; this model has: {', '.join(points)}")
+        return points[name], name
+
+    def probability(self, log_odds: np.ndarray | float) -> np.ndarray:
+        """Uncalibrated log-odds -> calibrated P(pneumonia) (float64)."""
+        return sigmoid(np.asarray(log_odds, dtype=np.float64) / self.temperature)
+
+
+@dataclass(frozen=True)
+class GateInfo:
+    """The input gate's feature statistics (``file``, sha256-checked) and where it refuses."""
+
+    file: str
+    sha256: str
+    threshold: float  # Mahalanobis distance beyond which an image is out of distribution
+    quantile: float = 0.995  # of the validation images' distances, where the threshold sits
+    method: str = ""
+    n_train: int = 0
+    n_val: int = 0
+    synthetic_non_xrays: Mapping[str, float] = field(default_factory=dict)  # n, refused, target
+
+
+@dataclass(frozen=True)
+class OnnxInfo:
+    """The network exported to ONNX (``file``, sha256-checked) and its measured parity with PyTorch."""
+
+    file: str
+    sha256: str
+    opset: int = 0
+    parity_max_abs_diff: Mapping[str, float] = field(default_factory=dict)
+    n_real_images: int = 0
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """How the weights were made: the training recipe, the split, library versions, the date."""
+
+    training: Mapping[str, Any] = field(default_factory=dict)  # TrainConfig.as_json() and run facts
+    split_manifest_sha256: str = ""
+    versions: Mapping[str, str] = field(default_factory=dict)
+    created: str = ""
+
+
+@dataclass(frozen=True)
+class BundleSpec:
+    """Everything needed to rebuild, feed and interpret the network."""
+
+    backbone: str
+    head: str
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    # Histogram equalisation after the square resize; False for bundles written before the option.
+    equalize: bool = False
+    class_names: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
+    dropout: float = 0.5
+    cam_layer: str = ""
+    name: str = "pneumoscan-model"
+    weights_sha256: str = ""
+    weights_dtype: str = "float32"
+    decision: Decision = field(default_factory=Decision)
+    gate: GateInfo | None = None
+    onnx: OnnxInfo | None = None
+    provenance: Provenance = field(default_factory=Provenance)
+    # Validation figures at training or calibration time (calibration.Calibration.validation_metrics).
+    val_metrics: Mapping[str, Any] = field(default_factory=dict)
+    # Figures with 95% CIs per operating point, by split, from ``pneumoscan evaluate --record``.
+    reported_metrics: Mapping[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The one image -> network-input transform this network was trained with."""
+        return Preprocessing(size=self.input_size, equalize=self.equalize)
+
+    def to_json(self) -> str:
+        """Pretty JSON text of the spec (always the current format version)."""
+        raw = dataclasses.asdict(self.replace(format_version=FORMAT_VERSION))
+        return json.dumps(raw, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "model.json") -> "BundleSpec":
+        """Parse and validate ``model.json`` (format version 1 or 2).
+
+        Raises:
+            BundleError: not JSON, an unknown format version, or missing or malformed fields.
+        """
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BundleError(f"{source} is not valid JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise BundleError(f"{source} must hold a JSON object")
+        version = raw.get("format_version")
+        if version not in READABLE_VERSIONS:
+            raise BundleError(
+                f"{source} has bundle format version {version!r}; this pneumoscan reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}. Re-export the bundle with a matching pneumoscan version."
+            )
+        if version == 1:
+            raw = _from_version_1(raw)
+        values = _known(cls, raw, source)
+        for key, part in (("decision", Decision), ("provenance", Provenance)):
+            values[key] = _part(part, values.get(key) or {}, f"{source} {key}")
+        for key, part in (("gate", GateInfo), ("onnx", OnnxInfo)):
+            values[key] = _part(part, values[key], f"{source} {key}") if values.get(key) else None
+        for key in ("mean", "std", "class_names"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "BundleSpec":
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def _known(cls: type, raw: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The fields of ``cls`` found in ``raw``; unknown keys are ignored (newer minor additions).
+
+    Raises:
+        BundleError: a field without a default is missing.
+    """
+    fields = dataclasses.fields(cls)
+    values = {f.name: raw[f.name] for f in fields if f.name in raw}
+    missing = [f.name for f in fields if f.name not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise BundleError(f"{source} lacks the field(s): {', '.join(missing)}")
+    return values
+
+
+def _part(cls: type, raw: Any, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise BundleError(f"{source} must be a JSON object")
+    return cls(**_known(cls, raw, source))
+
+
+# Version 1 kept these at the top level; version 2 groups them into typed parts.
+_V1_DECISION = ("threshold", "threshold_source", "temperature", "calibration", "operating_points",
+                "default_operating_point")
+_V1_PROVENANCE = ("training", "split_manifest_sha256", "versions", "created")
+
+
+def _from_version_1(raw: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 ``model.json`` (flat decision and provenance keys) in version-2 shape."""
+    new = {k: v for k, v in raw.items() if k not in _V1_DECISION + _V1_PROVENANCE}
+    new["decision"] = {k: raw[k] for k in _V1_DECISION if k in raw}
+    new["provenance"] = {k: raw[k] for k in _V1_PROVENANCE if k in raw}
+    for key in ("gate", "onnx"):  # version 1 wrote {} for "none"
+        new[key] = raw.get(key) or None
+    return new
