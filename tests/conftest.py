@@ -98,6 +98,15 @@ def client(app):
     return app.test_client()
 
 
+@pytest.fixture()
+def scores() -> tuple[np.ndarray, np.ndarray]:
+    """300 labels and overlapping scores: a classifier that is good, not perfect."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    s = np.clip(0.35 * y + rng.normal(0.35, 0.2, 300), 0.001, 0.999)
+    return y, s
+
+
 def needs_shared_data() -> pytest.MarkDecorator:
     return pytest.mark.skipif(not (SHARED_DATA / "train").is_dir(),
                               reason=f"real Kermany data not found at {SHARED_DATA}")

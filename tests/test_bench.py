@@ -41,7 +41,7 @@ def test_snapshot_ensemble_scores_each_kept_epoch_and_their_mean(xray_root: Path
     assert "test acc" in table.splitlines()[0]
 
     cache = run / "checkpoints"
-    best_epoch = load_bundle(run / "bundle")[1].training["best_checkpoint"].split("=")[1].split(".")[0]
+    best_epoch = load_bundle(run / "bundle")[1].provenance.training["best_checkpoint"].split("=")[1].split(".")[0]
     # the bundle is the best epoch's checkpoint stored in fp16: a member loaded from that checkpoint
     # and rounded alike must score the validation images the same way
     np.testing.assert_allclose(np.load(cache / f"snapshot-val-epoch{best_epoch}.npy"),

@@ -7,6 +7,8 @@ kept in ``test-artifacts/`` (or ``$PNEUMOSCAN_TEST_ARTIFACTS``).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import base64
 import os
 import shutil
@@ -35,7 +37,7 @@ def live_server(tiny_bundle: Path, tmp_path: Path):
     spec = read_spec(tiny_bundle)
     points = {"balanced": 0.5, "high_sensitivity": 0.0, "high_specificity": 1.0}
     bundle = tmp_path / "bundle"
-    rewrite_bundle(tiny_bundle, spec.replace(operating_points=points, threshold=0.5), bundle,
+    rewrite_bundle(tiny_bundle, spec.replace(decision=replace(spec.decision, operating_points=points, threshold=0.5)), bundle,
                    extra_files={"split.csv": tiny_bundle / "split.csv"})
     app = create_app({"MODEL_DIR": str(bundle), "SECRET_KEY": "test"})
     server = make_server("127.0.0.1", 0, app, threaded=True)

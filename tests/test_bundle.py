@@ -11,12 +11,13 @@ import torch
 
 from pneumoscan.errors import BundleError
 from pneumoscan.models import BundleSpec, create_classifier, load_bundle, read_spec, save_bundle
+from pneumoscan.spec import Decision
 from pneumoscan.models.bundle import SPEC_FILE, WEIGHTS_FILE
 
 
-def _spec(**kw) -> BundleSpec:
+def _spec(threshold: float = 0.37, **kw) -> BundleSpec:
     fields = dict(backbone="efficientnet_lite0", head="pool", input_size=64,
-                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), threshold=0.37)
+                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), decision=Decision(threshold=threshold))
     return BundleSpec(**{**fields, **kw})
 
 
@@ -29,7 +30,7 @@ def model() -> torch.nn.Module:
 def test_round_trip_gives_identical_outputs(model: torch.nn.Module, tmp_path: Path) -> None:
     written = save_bundle(model, _spec(), tmp_path / "b")
     loaded, spec = load_bundle(tmp_path / "b")
-    assert spec == written and spec.threshold == 0.37 and len(spec.weights_sha256) == 64
+    assert spec == written and spec.decision.threshold == 0.37 and len(spec.weights_sha256) == 64
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
@@ -92,10 +93,10 @@ def test_save_is_atomic_and_replaces(model: torch.nn.Module, tmp_path: Path,
         save_bundle(model, _spec(threshold=0.9), tmp_path / "b", extra_files={"x": tmp_path / "y"})
     monkeypatch.undo()
     assert (tmp_path / "b" / WEIGHTS_FILE).read_bytes() == before
-    assert read_spec(tmp_path / "b").threshold == 0.37
+    assert read_spec(tmp_path / "b").decision.threshold == 0.37
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temporary leftovers
     save_bundle(model, _spec(threshold=0.6), tmp_path / "b")
-    assert read_spec(tmp_path / "b").threshold == 0.6
+    assert read_spec(tmp_path / "b").decision.threshold == 0.6
 
 
 def test_bundle_without_calibration_loads_uncalibrated(model: torch.nn.Module, tmp_path: Path) -> None:
@@ -105,9 +106,12 @@ def test_bundle_without_calibration_loads_uncalibrated(model: torch.nn.Module, t
     save_bundle(model, _spec(threshold=0.5), tmp_path / "old")
     spec_path = tmp_path / "old" / SPEC_FILE
     raw = json.loads(spec_path.read_text())
-    for key in ("temperature", "calibration", "operating_points", "default_operating_point"):
-        raw.pop(key)
+    decision = raw.pop("decision")
+    raw.update(format_version=1, threshold=decision["threshold"], threshold_source="default",
+               training={}, versions={}, gate={}, onnx={})  # the flat version-1 layout
+    del raw["provenance"]
     spec_path.write_text(json.dumps(raw))
     predictor = Predictor.from_bundle(tmp_path / "old")
-    assert predictor.spec.calibration == "none" and predictor.spec.temperature == 1.0
-    assert predictor.threshold_for() == (0.5, "balanced")
+    assert predictor.decision.calibration == "none" and predictor.decision.temperature == 1.0
+    assert predictor.decision.threshold_for() == (0.5, "balanced")
+    assert predictor.spec.gate is None and predictor.spec.onnx is None

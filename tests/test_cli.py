@@ -29,11 +29,59 @@ def test_predict_csv_for_files_and_folders(tiny_bundle: Path, xray_root: Path, t
                                  str(one), "--csv", str(out)])
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(out.open()))
-    assert list(rows[0]) == ["path", "label", "probability_pneumonia", "threshold"]
+    assert list(rows[0]) == ["path", "status", "label", "probability_pneumonia", "threshold", "reasons", "error"]
     assert len(rows) == 13
     for row in rows:
         p, t = float(row["probability_pneumonia"]), float(row["threshold"])
+        assert row["status"] == "ok" and row["reasons"] == ""
         assert 0 <= p <= 1 and row["label"] == ("PNEUMONIA" if p >= t else "NORMAL")
+
+
+def _colour_photo(path: Path) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(4)
+    Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(path, quality=90)
+    return path
+
+
+def test_predict_applies_the_input_gate_as_the_api_does(tiny_bundle: Path, xray_root: Path, tmp_path: Path) -> None:
+    photo = _colour_photo(tmp_path / "holiday.jpg")
+    film = next((xray_root / "test" / "PNEUMONIA").iterdir())
+    out = tmp_path / "preds.csv"
+    result = runner.invoke(app, ["predict", "--model", str(tiny_bundle), str(photo), str(film), "--csv", str(out)])
+    assert result.exit_code == 0, result.output  # a refusal is an answer, not a failure
+    rejected, ok = csv.DictReader(out.open())
+    assert rejected["status"] == "rejected" and rejected["reasons"] == "colour_image"
+    assert rejected["label"] == "" and rejected["probability_pneumonia"] == ""  # no label for a refusal
+    assert ok["status"] == "ok" and ok["label"] in ("NORMAL", "PNEUMONIA")
+    # the API says the same about the same file
+    from pneumoscan.web import create_app
+
+    client = create_app({"TESTING": True, "MODEL_DIR": str(tiny_bundle)}).test_client()
+    api = client.post("/api/v1/predict", data={"file": [(photo.open("rb"), photo.name)]},
+                      content_type="multipart/form-data").get_json()["results"][0]
+    assert api["status"] == "rejected" and api["reasons"] == ["colour_image"]
+    # --no-gate labels it anyway, and still says what the gate would have refused
+    result = runner.invoke(app, ["predict", "--model", str(tiny_bundle), str(photo), "--no-gate", "--csv", str(out)])
+    assert result.exit_code == 0, result.output
+    (row,) = csv.DictReader(out.open())
+    assert row["status"] == "ok" and row["label"] in ("NORMAL", "PNEUMONIA") and row["reasons"] == "colour_image"
+
+
+def test_predict_table_shows_refusals_and_errors(tiny_bundle: Path, tmp_path: Path) -> None:
+    photo = _colour_photo(tmp_path / "holiday.jpg")
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"plain text, not a PNG")
+    result = run_cli("predict", "--model", str(tiny_bundle), str(photo), str(bad), "--csv", str(tmp_path / "p.csv"))
+    assert result.returncode == 1  # an unreadable file is a failure
+    rows = {r["path"]: r for r in csv.DictReader((tmp_path / "p.csv").open())}
+    assert rows[str(photo)]["status"] == "rejected" and rows[str(bad)]["status"] == "error"
+    assert rows[str(bad)]["reasons"] == "unsupported_media_type" and "not a JPEG, PNG or DICOM" in rows[str(bad)]["error"]
+    assert "0 predicted, 1 refused by the input gate, 1 unreadable" in result.stderr
+    table = run_cli("predict", "--model", str(tiny_bundle), str(photo))
+    assert table.returncode == 0 and "rejected" in table.stdout and "colour_image" in table.stdout
 
 
 def test_predict_table_and_partial_failure(tiny_bundle: Path, xray_root: Path, tmp_path: Path) -> None:
@@ -101,7 +149,7 @@ def test_calibrate_rewrites_only_the_spec(tiny_bundle: Path, xray_root: Path, tm
     assert "high_specificity" in result.output
     old, new = read_spec(tiny_bundle), read_spec(tmp_path / "cal")
     assert new.weights_sha256 == old.weights_sha256
-    assert new.calibration == "temperature_scaling_on_validation"
+    assert new.decision.calibration == "temperature_scaling_on_validation"
     assert new.val_metrics["n"] == old.val_metrics["n"]  # the same validation images
     load_bundle(tmp_path / "cal")
     import shutil
@@ -111,3 +159,47 @@ def test_calibrate_rewrites_only_the_spec(tiny_bundle: Path, xray_root: Path, tm
     failed = run_cli("calibrate", "--data", str(xray_root), "--model", str(tmp_path / "nosplit"),
                      "--out", str(tmp_path / "x"))
     assert failed.returncode == 2 and "has no split.csv" in failed.stderr
+
+
+def test_train_options_come_from_train_config() -> None:
+    """One place for every default: each TrainConfig field is a train option with its default."""
+    import dataclasses
+
+    import typer.main
+
+    from pneumoscan.card import RECIPE_KEYS
+    from pneumoscan.training.config import TrainConfig, cli_options
+
+    command = typer.main.get_command(app).commands["train"]
+    params = {p.name: p for p in command.params}
+    for opt in cli_options():
+        assert opt.name in params, opt.name
+        param = params[opt.name]
+        if opt.default is dataclasses.MISSING:
+            assert param.required, opt.name
+        else:
+            assert param.default == opt.default, opt.name
+        assert param.help == opt.help and opt.help, opt.name
+    assert set(params) == {o.name for o in cli_options()} | {"no_augment"}
+    assert "--fp32-bundle" in params["half_bundle"].secondary_opts
+    # the model card's recipe names keys that training really writes
+    written = TrainConfig(data=Path("d"), out=Path("o")).as_json()
+    assert set(RECIPE_KEYS) <= set(written)
+
+
+def test_train_cli_builds_the_config_it_shows(monkeypatch, tmp_path: Path) -> None:
+    seen = []
+    monkeypatch.setattr("pneumoscan.training.fit.train", lambda config: seen.append(config))
+    result = runner.invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--lr", "0.01",
+                                 "--rotation", "5", "--no-hflip", "--fp32-bundle", "--split-seed", "7",
+                                 "--limit-train-batches", "3"])
+    assert result.exit_code == 0, result.output
+    config = seen[-1]
+    assert config.lr == 0.01 and config.augmentation.rotation_degrees == 5.0
+    assert config.augmentation.horizontal_flip is False and config.half_bundle is False
+    assert config.split_seed == 7 and config.train_batches == 3 and config.batch_size == 16
+    result = runner.invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--no-augment"])
+    assert result.exit_code == 0, result.output
+    from pneumoscan.training.config import Augmentation
+
+    assert seen[-1].augmentation == Augmentation.none() and seen[-1].lr == 1e-3

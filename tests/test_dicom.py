@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumoscan.data import decode_image
+from pneumoscan.imaging import decode_image
 from pneumoscan.errors import InvalidImageError
 
 pydicom = pytest.importorskip("pydicom")

@@ -37,9 +37,9 @@ def test_explain_gives_a_map_and_releases_hooks(tiny_bundle: Path) -> None:
     layer = dict(predictor.model.named_modules())[predictor.spec.cam_layer]
     assert not layer._forward_hooks and not layer._backward_hooks
     # predictions are unchanged by explaining (no state leaks into the model)
-    before = predictor.predict_images([make_xray(6)])[0].probability_pneumonia
+    before = predictor.predict([make_xray(6)])[0].probability
     predictor.explain(make_xray(6))
-    assert predictor.predict_images([make_xray(6)])[0].probability_pneumonia == pytest.approx(before, abs=1e-7)
+    assert predictor.predict([make_xray(6)])[0].probability == pytest.approx(before, abs=1e-7)
 
 
 def test_overlay_keeps_the_image_size() -> None:
@@ -78,3 +78,21 @@ def test_upload_page_shows_the_heatmap(client) -> None:
     assert 'class="xray" src="data:image/png;base64,' in page
     assert 'class="heatmap" src="data:image/png;base64,' in page
     assert 'class="cam-opacity"' in page and "of the heatmap" in page
+
+
+def test_explain_cli_skips_what_the_gate_refuses(tiny_bundle: Path, xray_root: Path, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    photo = tmp_path / "in" / "holiday.jpg"
+    photo.parent.mkdir()
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (100, 100, 3), dtype=np.uint8)).save(photo)
+    film = next((xray_root / "test" / "NORMAL").iterdir())
+    result = CliRunner().invoke(app, ["explain", str(photo), str(film), "--model", str(tiny_bundle),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "holiday.jpg: rejected by the input gate (colour_image); no heatmap" in result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{film.stem}.gradcam.png"]
+    forced = CliRunner().invoke(app, ["explain", str(photo), "--no-gate", "--model", str(tiny_bundle),
+                                      "--out", str(tmp_path / "forced")])
+    assert forced.exit_code == 0 and (tmp_path / "forced" / "holiday.gradcam.png").is_file()

@@ -13,13 +13,12 @@ import resource
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import image_bytes, make_xray
-from pneumoscan.data import decode_image, square_resize
+from pneumoscan.imaging import decode_image, square_resize
 from pneumoscan.errors import InvalidImageError
 from pneumoscan.gate import image_reasons
 
@@ -79,7 +78,7 @@ def test_decode_gate_and_preprocess_raise_nothing_but_invalid_image() -> None:
         assert image.mode == "L"
         assert isinstance(image_reasons(image), list)
         pixels = square_resize(image, 64)
-        assert pixels.dtype == torch.uint8 and tuple(pixels.shape) == (1, 64, 64)
+        assert pixels.dtype == np.uint8 and tuple(pixels.shape) == (1, 64, 64)
 
     check()
     growth_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024

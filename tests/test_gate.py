@@ -5,11 +5,12 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import image_bytes, make_xray
-from pneumoscan.data import decode_image
-from pneumoscan.gate import image_reasons
+from pneumoscan.gate import FeatureGate, image_reasons, screen
+from pneumoscan.imaging import decode_image
 
 
 def _reasons(image: Image.Image, fmt: str = "PNG") -> list[str]:
@@ -62,7 +63,6 @@ def _document_page() -> Image.Image:
 def test_feature_gate_fits_on_the_bundles_split_and_refuses_strangers(tiny_bundle, xray_root, tmp_path) -> None:
     import json
 
-    import pytest
     from typer.testing import CliRunner
 
     from pneumoscan.cli import app
@@ -74,17 +74,18 @@ def test_feature_gate_fits_on_the_bundles_split_and_refuses_strangers(tiny_bundl
                                       "--out", str(tmp_path / "gated")])
     assert result.exit_code == 0, result.output
     spec = read_spec(tmp_path / "gated")
-    assert spec.weights_sha256 == read_spec(tiny_bundle).weights_sha256 and spec.gate["n_train"] > 0
+    assert spec.weights_sha256 == read_spec(tiny_bundle).weights_sha256 and spec.gate.n_train > 0
     predictor = Predictor.from_bundle(tmp_path / "gated")
-    xray = predictor.predict_images([make_xray(77)])[0]
+    xray = predictor.predict([make_xray(77)])[0]
     noise = Image.fromarray(np.random.default_rng(3).integers(0, 255, (80, 80), dtype=np.uint8))
-    stranger = predictor.predict_images([noise])[0]
-    assert stranger.ood_distance > xray.ood_distance
-    assert predictor.is_out_of_distribution(stranger)
+    stranger = predictor.predict([noise])[0]
+    assert stranger.distance > xray.distance
+    assert stranger.status == "rejected" and stranger.reasons == ("out_of_distribution",)
+    assert stranger.label is None and stranger.probability is None  # a refusal is not a diagnosis
     # A grey document passes every image check (grey, contrasty, page-shaped): only the feature gate sees it.
     document = _document_page()
     assert image_reasons(document) == []
-    assert predictor.is_out_of_distribution(predictor.predict_images([document])[0])
+    assert predictor.predict([document])[0].reasons == ("out_of_distribution",)
     # the gate file is checked like the weights
     gate_file = tmp_path / "gated" / "gate.safetensors"
     gate_file.write_bytes(gate_file.read_bytes()[:-8] + b"\x00" * 8)
@@ -92,14 +93,14 @@ def test_feature_gate_fits_on_the_bundles_split_and_refuses_strangers(tiny_bundl
         Predictor.from_bundle(tmp_path / "gated")
     assert json.loads((tmp_path / "gated" / "model.json").read_text())["gate"]["quantile"] == 0.995
     # every new gate is measured on the synthetic documents and screenshots, and says when it is weak
-    synthetic = spec.gate["synthetic_non_xrays"]
+    synthetic = spec.gate.synthetic_non_xrays
     assert synthetic["n"] == 80 and 0 <= synthetic["refused"] <= 80
     assert f"refuses {synthetic['refused']} of 80 synthetic" in result.output
     assert ("warning: this gate refuses fewer than 99%" in result.output) == (synthetic["refused"] < 79.2)
 
 
 def test_synthetic_non_xrays_are_deterministic_and_pass_every_image_check() -> None:
-    from pneumoscan.data import decode_image
+    from pneumoscan.imaging import decode_image
     from pneumoscan.nonxray import synthetic_non_xrays
 
     first = synthetic_non_xrays()
@@ -107,3 +108,24 @@ def test_synthetic_non_xrays_are_deterministic_and_pass_every_image_check() -> N
     assert {name.split("/")[0] for name in first} == {"document", "screenshot"}
     # only the feature gate can refuse them, which is why they measure it
     assert all(image_reasons(decode_image(data)) == [] for data in first.values())
+
+
+def test_colour_check_works_on_images_from_any_source() -> None:
+    """The colour check used to see only what decode_image recorded in Image.info."""
+    rng = np.random.default_rng(5)
+    photo = Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8))
+    assert "colour_image" in image_reasons(photo)  # an RGB image straight from Pillow
+    assert "colour_image" in image_reasons(photo.convert("RGBA"))
+    assert "colour_image" in image_reasons(decode_image(image_bytes(photo)))  # decoded to grey, source known
+    assert image_reasons(make_xray(6, size=(96, 96)).convert("RGB")) == []  # grey in an RGB container
+
+
+def test_screen_asks_the_feature_gate_only_when_the_image_checks_pass() -> None:
+    gate = FeatureGate(mean=np.zeros(4), precision=np.eye(4), threshold=3.0)
+    xray = make_xray(7, size=(96, 96))
+    near, far = np.array([1.0, 0, 0, 0]), np.array([0, 4.0, 0, 0])
+    assert screen(xray, near, gate).reasons == () and screen(xray, near, gate).distance == pytest.approx(1.0)
+    assert screen(xray, far, gate).reasons == ("out_of_distribution",)
+    tiny = make_xray(8, size=(40, 40))
+    assert screen(tiny, far, gate).reasons == ("too_small",)  # image reasons first, alone
+    assert screen(xray, far, None).reasons == () and screen(xray, None, gate).distance is None

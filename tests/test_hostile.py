@@ -172,9 +172,11 @@ def test_hostile_files_through_the_cli(tiny_bundle: Path, tmp_path: Path) -> Non
                                       "--csv", str(tmp_path / "out.csv")])
     assert result.exit_code == 1, result.output  # some files unreadable: reported, not a crash
     assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
-    rows = (tmp_path / "out.csv").read_text().splitlines()
-    predicted = {Path(row.split(",")[0]).name for row in rows[1:]}
-    assert "good.jpg" in predicted
+    import csv
+
+    rows = {Path(row["path"]).name: row for row in csv.DictReader((tmp_path / "out.csv").open())}
+    predicted = {name for name, row in rows.items() if row["status"] != "error"}
+    assert rows["good.jpg"]["status"] == "ok"
     from pneumoscan.data import IMAGE_SUFFIXES
 
     # the CLI looks at image suffixes only (a .gif or .svg in a folder is not an X-ray to read)
@@ -183,7 +185,7 @@ def test_hostile_files_through_the_cli(tiny_bundle: Path, tmp_path: Path) -> Non
     assert len(refused) >= 25
     assert not refused & predicted
     for name in refused:
-        assert name in result.output
+        assert name in result.output and rows[name]["status"] == "error" and rows[name]["reasons"]
 
 
 def test_a_large_upload_stays_in_memory(hostile_app, no_disk_writes) -> None:

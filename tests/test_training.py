@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TEST_INPUT
+from conftest import TEST_INPUT, make_xray
 from pneumoscan.errors import ConfigError
 from pneumoscan.models import load_bundle
 from pneumoscan.training import TrainConfig, train
@@ -21,10 +21,10 @@ from pneumoscan.training import TrainConfig, train
 def test_training_run_writes_a_complete_bundle(trained_run: Path, xray_root: Path) -> None:
     model, spec = load_bundle(trained_run / "bundle")
     assert spec.backbone == "efficientnet_lite0" and spec.input_size == TEST_INPUT
-    assert spec.threshold_source == "validation_youden" and 0.0 <= spec.threshold <= 1.0
+    assert spec.decision.threshold_source == "validation_youden" and 0.0 <= spec.decision.threshold <= 1.0
     assert spec.val_metrics["n"] > 0 and "roc_auc" in spec.val_metrics
-    assert spec.training["epochs"] == 2 and spec.training["fit_seconds"] > 0
-    assert spec.versions["torch"] and spec.weights_dtype == "float16"
+    assert spec.provenance.training["epochs"] == 2 and spec.provenance.training["fit_seconds"] > 0
+    assert spec.provenance.versions["torch"] and spec.weights_dtype == "float16"
     split_rows = list(csv.DictReader((trained_run / "bundle" / "split.csv").open()))
     roles = {r["role"] for r in split_rows}
     assert roles == {"train", "val"}
@@ -100,14 +100,14 @@ def test_resume_continues_from_the_last_checkpoint(xray_root: Path, tmp_path: Pa
                 accelerator="cpu", devices="1", patience=10)
     train(TrainConfig(**base, epochs=1))
     first = load_bundle(tmp_path / "bundle")[1]
-    assert first.training["epochs"] == 1
+    assert first.provenance.training["epochs"] == 1
     train(TrainConfig(**base, epochs=2, resume=True))
     rows = [r for path in sorted((tmp_path / "logs").glob("version_*/metrics.csv"))
             for r in csv.DictReader(path.open())]
     assert len(list((tmp_path / "logs").glob("version_*"))) == 2  # the first log is kept
     epochs_logged = sorted({int(float(r["epoch"])) for r in rows if r.get("val_loss")})
     assert epochs_logged == [0, 1]  # epoch 0 was not run again
-    assert load_bundle(tmp_path / "bundle")[1].training["resume"] is True
+    assert load_bundle(tmp_path / "bundle")[1].provenance.training["resume"] is True
 
 
 def test_weight_averaging_exports_the_average_and_resumes_it(xray_root: Path, tmp_path: Path) -> None:
@@ -131,8 +131,8 @@ def test_weight_averaging_exports_the_average_and_resumes_it(xray_root: Path, tm
     kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("epoch=*.ckpt"))
     assert kept == ["epoch=0.ckpt", "epoch=1.ckpt"]  # one per epoch, across the resume
     spec = load_bundle(tmp_path / "bundle")[1]
-    assert spec.training["ema_decay"] == 0.9
-    best = torch.load(tmp_path / "checkpoints" / spec.training["best_checkpoint"], map_location="cpu",
+    assert spec.provenance.training["ema_decay"] == 0.9
+    best = torch.load(tmp_path / "checkpoints" / spec.provenance.training["best_checkpoint"], map_location="cpu",
                       weights_only=True)
     exported = load_file(tmp_path / "bundle" / "model.safetensors")
     for key, value in exported.items():  # the bundle holds the averaged weights, not the raw ones
@@ -141,11 +141,13 @@ def test_weight_averaging_exports_the_average_and_resumes_it(xray_root: Path, tm
 
 def test_equalized_training_is_recorded_and_served_with_the_same_pixels(xray_root: Path,
                                                                         tmp_path: Path) -> None:
+    import numpy as np
     import torch
     from sklearn.metrics import roc_auc_score
 
     from pneumoscan.card import model_card
-    from pneumoscan.data import XrayDataset, load_image, scan_split
+    from pneumoscan.data import XrayDataset, scan_split
+    from pneumoscan.imaging import Preprocessing, load_image
     from pneumoscan.inference import Predictor
 
     train(TrainConfig(data=xray_root, out=tmp_path, weights="none", input_size=TEST_INPUT, epochs=1,
@@ -153,20 +155,20 @@ def test_equalized_training_is_recorded_and_served_with_the_same_pixels(xray_roo
                       devices="1", equalize=True))
     bundle = tmp_path / "bundle"
     spec = load_bundle(bundle)[1]
-    assert spec.equalize is True and spec.training["equalize"] is True
+    assert spec.equalize is True and spec.provenance.training["equalize"] is True
     assert model_card(spec)["architecture"]["histogram_equalized"] is True  # told to API clients
     predictor = Predictor.from_bundle(bundle, backend="torch")
     val_paths = {r["path"] for r in csv.DictReader((bundle / "split.csv").open()) if r["role"] == "val"}
     pool = scan_split(xray_root, "train") + scan_split(xray_root, "val")
     val = [s for s in pool if s.path.relative_to(xray_root).as_posix() in val_paths]
-    trained_on = XrayDataset(val, size=TEST_INPUT, equalize=True)
-    plain = XrayDataset(val, size=TEST_INPUT)
-    served = [predictor.preprocess(load_image(s.path)) for s in val]
+    trained_on = XrayDataset(val, Preprocessing(size=TEST_INPUT, equalize=True))
+    plain = XrayDataset(val, Preprocessing(size=TEST_INPUT))
+    served = [predictor.preprocessing.pixels(load_image(s.path)) for s in val]
     for i, pixels in enumerate(served):  # serving feeds exactly what training validated on
-        assert torch.equal(pixels, trained_on.image(i))
-    assert not all(torch.equal(pixels, plain.image(i)) for i, pixels in enumerate(served))
+        assert torch.equal(torch.from_numpy(pixels), trained_on.image(i))
+    assert not all(torch.equal(torch.from_numpy(pixels), plain.image(i)) for i, pixels in enumerate(served))
     # ... and so reproduces the validation figures the bundle was calibrated with.
-    log_odds = predictor.log_odds(torch.stack(served))
+    log_odds = predictor.forward(np.stack(served))[0]
     assert roc_auc_score([s.label for s in val], log_odds) == pytest.approx(spec.val_metrics["roc_auc"], abs=1e-6)  # stored to 6 places
 
 
@@ -203,7 +205,8 @@ def test_two_process_ddp_on_cpu(xray_root: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "world_size" in result.stderr or "distributed" in result.stderr.lower()
     spec = json.loads((tmp_path / "ddp" / "bundle" / "model.json").read_text())
-    assert spec["training"]["strategy"] == "ddp" and spec["training"]["devices"] == "2"
+    training = spec["provenance"]["training"]
+    assert training["strategy"] == "ddp" and training["devices"] == "2"
 
 
 def test_exported_bundle_is_calibrated_on_validation(trained_run: Path) -> None:
@@ -211,16 +214,17 @@ def test_exported_bundle_is_calibrated_on_validation(trained_run: Path) -> None:
 
     predictor = Predictor.from_bundle(trained_run / "bundle")
     spec = predictor.spec
-    assert spec.calibration == "temperature_scaling_on_validation" and spec.temperature > 0
-    assert set(spec.operating_points) == {"balanced", "high_sensitivity", "high_specificity"}
-    assert spec.threshold == spec.operating_points["balanced"]
+    decision = spec.decision
+    assert decision.calibration == "temperature_scaling_on_validation" and decision.temperature > 0
+    assert set(decision.operating_points) == {"balanced", "high_sensitivity", "high_specificity"}
+    assert decision.threshold == decision.operating_points["balanced"]
     report = spec.val_metrics["calibration"]
     assert {"ece_15_before", "ece_15_after", "brier_before", "brier_after"} <= set(report)
-    assert predictor.threshold_for("high_sensitivity")[0] == spec.operating_points["high_sensitivity"]
+    assert decision.threshold_for("high_sensitivity")[0] == decision.operating_points["high_sensitivity"]
     with pytest.raises(ConfigError, match="unknown operating point"):
-        predictor.threshold_for("aggressive")
+        decision.threshold_for("aggressive")
     with pytest.raises(ConfigError, match="between 0 and 1"):
-        predictor.threshold_for(threshold=1.5)
+        decision.threshold_for(threshold=1.5)
 
 
 def test_checkpoints_are_written_atomically(tmp_path: Path) -> None:
@@ -278,7 +282,7 @@ def test_sigkill_mid_epoch_then_resume_loses_at_most_one_epoch(tmp_path: Path) -
     rows = list(csv.DictReader(sorted((out / "logs").glob("version_*/metrics.csv"))[-1].open()))
     resumed_epochs = sorted({int(float(r["epoch"])) for r in rows if r.get("val_loss")})
     assert resumed_epochs == list(range(completed, 3))  # only the interrupted epoch is run again
-    assert load_bundle(out / "bundle")[1].training["resume"] is True
+    assert load_bundle(out / "bundle")[1].provenance.training["resume"] is True
     assert not list((out / "checkpoints").glob(".*.partial"))
 
 
@@ -330,3 +334,18 @@ def test_label_smoothing_applies_to_the_training_loss_only() -> None:
     assert not torch.allclose(train_loss, logged["val_loss"])
     with pytest.raises(ConfigError, match="--label-smoothing"):
         TrainConfig(data=Path("."), out=Path("."), label_smoothing=1.0).validate()
+
+
+def test_augmentation_keeps_shape_and_changes_pixels() -> None:
+    import torch
+
+    from pneumoscan.imaging import square_resize
+    from pneumoscan.training.config import Augmentation
+    from pneumoscan.training.datamodule import augmentation_pipeline
+
+    torch.manual_seed(0)
+    pixels = torch.from_numpy(square_resize(make_xray(6), 64))
+    out = augmentation_pipeline(Augmentation())(pixels)
+    assert out.shape == pixels.shape and out.dtype == torch.uint8
+    assert not torch.equal(out, pixels)
+    assert torch.equal(augmentation_pipeline(Augmentation.none())(pixels), pixels)

@@ -180,7 +180,7 @@ def test_api_operating_point_and_threshold(client, app) -> None:
     post = lambda **kw: client.post("/api/v1/predict", data=data(**kw), content_type="multipart/form-data")  # noqa: E731
     result = post(operating_point="high_specificity").get_json()["results"][0]
     assert result["operating_point"] == "high_specificity"
-    assert result["threshold"] == pytest.approx(predictor.spec.operating_points["high_specificity"], abs=1e-6)
+    assert result["threshold"] == pytest.approx(predictor.decision.operating_points["high_specificity"], abs=1e-6)
     custom = post(threshold="0.99").get_json()["results"][0]
     assert custom["threshold"] == 0.99 and custom["operating_point"] == "custom"
     assert custom["label"] == ("PNEUMONIA" if custom["probability_pneumonia"] >= 0.99 else "NORMAL")

@@ -141,7 +141,7 @@ def test_model_card_page_and_recorded_evaluation(tiny_bundle: Path, xray_root: P
     after = verify_bundle(bundle)  # still loads: weights untouched, sha256 unchanged
     assert after.weights_sha256 == before.weights_sha256
     recorded = after.reported_metrics["test"]
-    assert recorded["n"] == 12 and set(recorded["operating_points"]) == set(after.operating_points)
+    assert recorded["n"] == 12 and set(recorded["operating_points"]) == set(after.decision.operating_points)
     accuracy = recorded["operating_points"]["balanced"]["accuracy"]
     assert accuracy["ci_low"] <= accuracy["value"] <= accuracy["ci_high"]
 

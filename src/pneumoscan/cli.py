@@ -214,6 +214,7 @@ def predict(
         if r.status == "error":
             typer.echo(f"error: {r.error}", err=True)
     if counts["error"]:
+        typer.echo(f"{counts['error']} of {len(results)} file(s) could not be read", err=True)
         raise typer.Exit(1)
 
 
