@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         path = args.run / "checkpoints" / f"snapshot-{split}-{name.replace(' ', '')}.npy"
         if path.is_file():
             return np.load(path)
-        values = log_odds(Predictor(member, spec, TorchRunner(member, spec)), parts[split])
+        values = log_odds(Predictor(member, spec, TorchRunner.for_bundle(member, spec)), parts[split])
         np.save(path, values)
         return values
 

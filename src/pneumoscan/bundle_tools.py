@@ -6,6 +6,7 @@ Each writes a new bundle whose weights file is copied byte for byte (same sha256
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -27,26 +28,61 @@ from pneumoscan.spec import GateInfo
 SYNTHETIC_REFUSAL_TARGET = 0.99
 
 
-def recalibrate_bundle(bundle_dir: Path | None, data_root: Path, out_dir: Path) -> dict[str, Any]:
-    """Fit temperature and operating points on the bundle's own validation split; write a new bundle.
+#: A site sample smaller than this per class cannot fit a temperature and thresholds it can trust.
+MIN_SITE_IMAGES_PER_CLASS = 20
+
+
+def recalibrate_bundle(bundle_dir: Path | None, out_dir: Path, *, data_root: Path | None = None,
+                       split: str | None = None, site: Path | None = None) -> dict[str, Any]:
+    """Refit temperature and operating points, write a new bundle (weights unchanged).
+
+    On the bundle's own validation split (``data_root`` only), or on a site's labelled images:
+    ``site`` (a folder of NORMAL/ and PNEUMONIA/) or ``data_root/split``. A site calibration is
+    recorded in ``Decision.site`` (n per class, sha256 of the file list) and shown on the card.
 
     Raises:
-        BundleError: the bundle cannot be loaded or has no split.csv.
-        DatasetError: a validation image is missing or unreadable.
+        BundleError: the bundle cannot be loaded, or has no split.csv (validation only).
+        DatasetError: a class folder is missing, a class has fewer than MIN_SITE_IMAGES_PER_CLASS
+            images, or images are unreadable (listed).
+        ConfigError: neither or both of a site and a split were named.
     """
+    from pneumoscan.data import CLASS_NAMES, scan_labelled_folder, scan_split
+
     bundle_dir = Path(bundle_dir or default_bundle_path())
+    if site is not None and split is not None:
+        raise ConfigError("name the site's images once: --site DIR, or --data ROOT --split NAME")
+    if data_root is None and site is None:
+        raise ConfigError("calibrate needs --data ROOT (the bundle's validation split, or --split NAME) or --site DIR")
     predictor = Predictor.from_bundle(bundle_dir)
-    samples = read_split(bundle_dir, data_root)
+    if site is not None:
+        samples, source = scan_labelled_folder(site), Path(site)
+    elif split is not None:
+        samples, source = scan_split(data_root, split), Path(data_root) / split
+    else:
+        samples, source = read_split(bundle_dir, data_root), None
+    counts = {name: sum(s.label == i for s in samples) for i, name in enumerate(CLASS_NAMES)}
+    if source is not None and min(counts.values()) < MIN_SITE_IMAGES_PER_CLASS:
+        raise DatasetError(f"{source} has {', '.join(f'{v} {k}' for k, v in counts.items())} images; a site "
+                           f"calibration needs at least {MIN_SITE_IMAGES_PER_CLASS} of each class")
     outcomes = predictor.predict_paths([s.path for s in samples], gate=False)
     bad = [o for o in outcomes if o.status == "error"]
     if bad:
-        raise DatasetError(f"{len(bad)} validation image(s) could not be read, e.g. {bad[0].error}")
+        listed = "; ".join(o.error or o.name for o in bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise DatasetError(f"{len(bad)} image(s) could not be read: {listed}")
     calibration = calibrate_on_validation([s.label for s in samples], [o.log_odds for o in outcomes])
+    decision = calibration.decision
     spec = predictor.spec
-    new_spec = spec.replace(decision=calibration.decision,
-                            val_metrics={**spec.val_metrics, **calibration.validation_metrics()})
+    if source is not None:
+        listing = "\n".join(f"{s.path.relative_to(source).as_posix()}\t{CLASS_NAMES[s.label]}" for s in samples)
+        decision = replace(decision, threshold_source=decision.threshold_source.replace("validation", "site"),
+                           calibration=decision.calibration.replace("validation", "site_sample"),
+                           site={"source": source.name, "n_by_class": counts,
+                                 "file_list_sha256": hashlib.sha256(listing.encode()).hexdigest()})
+        new_spec = spec.replace(decision=decision)  # val_metrics stay the training split's
+    else:
+        new_spec = spec.replace(decision=decision, val_metrics={**spec.val_metrics, **calibration.validation_metrics()})
     rewrite_bundle(bundle_dir, new_spec, out_dir)
-    return calibration.report
+    return {**calibration.report, "site": dict(decision.site)}
 
 
 def record_evaluation(bundle_dir: Path | None, metrics: dict[str, Any]) -> None:
@@ -85,39 +121,151 @@ def synthetic_refusals(predictor: Predictor) -> dict[str, float]:
     return {"n": len(images), "refused": int(refused), "target": SYNTHETIC_REFUSAL_TARGET}
 
 
+#: The default gate extractor: ImageNet EfficientNet-Lite0, frozen (its weights ship with the package).
+GATE_EXTRACTOR = "efficientnet_lite0"
+EXTRACTOR_FILE = "gate_extractor.safetensors"
+
+
 def fit_bundle_gate(bundle_dir: Path | None, data_root: Path, out_dir: Path, *, quantile: float = 0.995,
-                    batch_size: int = 32) -> GateInfo:
-    """Fit the input gate's feature statistics on the bundle's own training images, its threshold
-    at ``quantile`` of the validation images' distances; write a new bundle (weights unchanged).
+                    extractor: str | None = GATE_EXTRACTOR, batch_size: int = 32) -> GateInfo:
+    """Fit the input gate on the bundle's own split and write a new bundle (weights unchanged).
+
+    The gate measures the Mahalanobis distance of ``extractor``'s pooled features (a frozen
+    ImageNet backbone, stored in the bundle in fp16) to those of the training images; its
+    threshold is the ``quantile`` of the validation images' distances. Fine-tuning never moves
+    it, so any training recipe can ship with it. ``extractor=None`` measures the classifier's
+    own features instead (the gates fitted before). It is then measured on the validation
+    X-rays, their inverted copies and the synthetic documents and screenshots. A bundle with an
+    ONNX model gets it re-exported (the graph computes the gate's features too).
 
     Raises:
-        ConfigError: ``quantile`` outside (0.5, 1).
+        ConfigError: ``quantile`` outside (0.5, 1), or an unknown extractor.
         BundleError: the bundle cannot be loaded or has no split.csv.
         DatasetError: a listed image is missing.
     """
+    import torch
+
+    from pneumoscan.models import PixelNetwork, backbone_info, create_classifier
+    from pneumoscan.models.bundle import save_weights
+    from pneumoscan.runtime import TorchRunner
+
     if not 0.5 < quantile < 1.0:
         raise ConfigError(f"--quantile must be between 0.5 and 1, got {quantile}")
     bundle_dir = Path(bundle_dir or default_bundle_path())
-    predictor = Predictor.from_bundle(bundle_dir)
+    predictor = Predictor.from_bundle(bundle_dir, backend="torch")
+    spec = predictor.spec
+    network = None
+    if extractor:
+        info = backbone_info(extractor)
+        frozen = create_classifier(extractor, weights="imagenet", input_size=spec.input_size).eval()
+        frozen.half().float()  # the precision it is stored in
+        network = PixelNetwork(predictor.model, spec.mean, spec.std, extractor=frozen,
+                               extractor_mean=info.mean, extractor_std=info.std).eval()
 
-    def features(role: str) -> np.ndarray:
+    def features(pixels: np.ndarray) -> np.ndarray:
+        if network is None:
+            return predictor.forward(pixels)[1]
+        with torch.inference_mode():
+            return network.gate_features(torch.from_numpy(pixels)).numpy()
+
+    def split_features(role: str, *, invert: bool = False) -> np.ndarray:
         samples = read_split(bundle_dir, data_root, role=role)
         chunks = []
         for start in range(0, len(samples), batch_size):
-            batch = [predictor.preprocessing.read(s.path) for s in samples[start:start + batch_size]]
-            chunks.append(predictor.forward(np.stack(batch))[1])
+            pixels = np.stack([predictor.preprocessing.read(s.path) for s in samples[start:start + batch_size]])
+            chunks.append(features(255 - pixels if invert else pixels))
         return np.concatenate(chunks)
 
-    train_features, val_features = features("train"), features("val")
+    train_features, val_features = split_features("train"), split_features("val")
     gate = FeatureGate.fit(train_features, val_features, quantile=quantile)
+    inverted = gate.distances(split_features("val", invert=True)) > gate.threshold
+    if network is not None:
+        predictor.runner = TorchRunner(network)
     predictor.gate = gate  # this local predictor now stands for the gated bundle being written
     with tempfile.TemporaryDirectory() as tmp:
         gate_path = Path(tmp) / GATE_FILE
         gate.save(gate_path)
+        extra = {GATE_FILE: gate_path}
+        info_kwargs: dict[str, Any] = {}
+        if network is not None:
+            extractor_path = Path(tmp) / EXTRACTOR_FILE
+            save_weights(network.extractor, extractor_path, half=True)
+            extra[EXTRACTOR_FILE] = extractor_path
+            info_kwargs = {"extractor": extractor, "extractor_file": EXTRACTOR_FILE,
+                           "extractor_sha256": sha256_file(extractor_path)}
+        method = (f"mahalanobis, Ledoit-Wolf covariance of pooled {extractor} ImageNet features (frozen)"
+                  if network is not None else "mahalanobis, Ledoit-Wolf covariance of pooled backbone features")
         info = GateInfo(file=GATE_FILE, sha256=sha256_file(gate_path), threshold=round(gate.threshold, 6),
-                        quantile=quantile,
-                        method="mahalanobis, Ledoit-Wolf covariance of pooled backbone features",
-                        n_train=int(len(train_features)), n_val=int(len(val_features)))
+                        quantile=quantile, method=method, n_train=int(len(train_features)),
+                        n_val=int(len(val_features)),
+                        validation_refused=round(float(np.mean(gate.distances(val_features) > gate.threshold)), 6),
+                        inverted_refused=round(float(np.mean(inverted)), 6), **info_kwargs)
         info = replace(info, synthetic_non_xrays=synthetic_refusals(predictor))
-        rewrite_bundle(bundle_dir, predictor.spec.replace(gate=info), out_dir, extra_files={GATE_FILE: gate_path})
+        had_onnx = spec.onnx is not None
+        rewrite_bundle(bundle_dir, spec.replace(gate=info, onnx=None), out_dir, extra_files=extra,
+                       drop=("model.onnx",) if had_onnx else ())
+    if had_onnx:
+        from pneumoscan.export import export_bundle_onnx  # the graph must compute the new gate's features
+
+        export_bundle_onnx(out_dir)
     return info
+
+
+#: What every member of an ensemble must share: the same network input, and the same head shape.
+SHARED_FIELDS = ("backbone", "head", "input_size", "mean", "std", "equalize", "dropout", "class_names")
+
+
+def build_ensemble(member_dirs: list[Path], data_root: Path, out_dir: Path, *, batch_size: int = 32) -> dict[str, Any]:
+    """Join member bundles into one ensemble bundle: their log-odds are averaged, and the mean is
+    calibrated on the members' shared validation split. Weights are stored in fp16.
+
+    Fit its gate (``fit-gate``) and export it (``export``) afterwards, as for any bundle.
+
+    Raises:
+        ConfigError: fewer than two members, members that disagree on preprocessing or
+            architecture, or that were trained on different splits.
+        BundleError: a member cannot be loaded or has no split.csv.
+    """
+    import torch
+
+    from pneumoscan.data import CLASS_NAMES, SPLIT_FILE, class_counts
+    from pneumoscan.models import Ensemble, PixelNetwork, load_bundle, save_bundle
+    from pneumoscan.spec import Provenance
+
+    if len(member_dirs) < 2:
+        raise ConfigError(f"an ensemble needs at least 2 member bundles, got {len(member_dirs)}")
+    loaded = [load_bundle(path, check_onnx=False) for path in member_dirs]
+    first = loaded[0][1]
+    for path, (_, spec) in zip(member_dirs[1:], loaded[1:]):
+        differ = [name for name in SHARED_FIELDS if getattr(spec, name) != getattr(first, name)]
+        if differ:
+            raise ConfigError(f"members disagree on preprocessing or architecture: {path} differs from "
+                              f"{member_dirs[0]} in {', '.join(differ)}")
+        if spec.provenance.split_manifest_sha256 != first.provenance.split_manifest_sha256:
+            raise ConfigError(f"{path} was trained on another split than {member_dirs[0]}; train every "
+                              "member with the same --split-seed")
+    members = []
+    for model, _ in loaded:
+        members.extend(model.members if isinstance(model, Ensemble) else [model])
+    ensemble = Ensemble(members).eval()
+    ensemble.half().float()  # calibrate exactly the weights the bundle will hold
+    network = PixelNetwork(ensemble, first.mean, first.std).eval()
+    samples = read_split(member_dirs[0], data_root)
+    log_odds = []
+    with torch.inference_mode():
+        for start in range(0, len(samples), batch_size):
+            pixels = np.stack([first.preprocessing.read(s.path) for s in samples[start:start + batch_size]])
+            log_odds.extend(network(torch.from_numpy(pixels))[0].tolist())
+    calibration = calibrate_on_validation([s.label for s in samples], log_odds)
+    spec = first.replace(
+        name=f"{first.backbone}-x{len(members)}-res{first.input_size}-chest_xray-{datetime.now(timezone.utc):%Y%m%d}",
+        decision=calibration.decision, gate=None, onnx=None, reported_metrics={},
+        val_metrics=calibration.validation_metrics(n_by_class=dict(zip(CLASS_NAMES, class_counts(samples)))),
+        provenance=Provenance(
+            training={"ensemble_of": [spec.name for _, spec in loaded],
+                      "members": [dict(spec.provenance.training) for _, spec in loaded]},
+            split_manifest_sha256=first.provenance.split_manifest_sha256,
+            versions=dict(first.provenance.versions),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds")))
+    save_bundle(ensemble, spec, out_dir, half=True, extra_files={SPLIT_FILE: Path(member_dirs[0]) / SPLIT_FILE})
+    return calibration.report

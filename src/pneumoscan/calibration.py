@@ -16,6 +16,8 @@ from pneumoscan.spec import Decision
 from pneumoscan.stats import brier_score, expected_calibration_error, point_metrics, sigmoid
 
 OPERATING_POINTS: tuple[str, ...] = ("balanced", "high_sensitivity", "high_specificity")
+#: How ``balanced`` is chosen (recorded in the bundle; bundles before it say "validation_youden").
+THRESHOLD_SOURCE = "validation_prevalence_likelihood_ratio"
 #: The sensitivity (specificity) that ``high_sensitivity`` (``high_specificity``) keeps on validation.
 TARGET = 0.95
 
@@ -48,11 +50,25 @@ def fit_temperature(y_true: Sequence[int], log_odds: Sequence[float]) -> float:
     return float(np.exp(result.x))
 
 
-def operating_thresholds(y_true: Sequence[int], prob: Sequence[float], *, target: float = TARGET) -> dict[str, float]:
-    """Thresholds on P(pneumonia) chosen on (validation) scores.
+def balanced_threshold(y_true: Sequence[int]) -> float:
+    """The prior-free threshold on calibrated P(pneumonia): the calibration set's prevalence.
 
-    ``balanced``: Youden's J. ``high_sensitivity``: the most specific threshold whose
-    sensitivity is >= ``target``; ``high_specificity``: the most sensitive threshold whose
+    Calling pneumonia when the calibrated posterior odds exceed the prior odds is calling it when
+    the likelihood ratio exceeds 1, whatever the prevalence where the model is used. It is also
+    where Youden's J computed with the calibrated probabilities as soft labels peaks. Unlike
+    Youden's J on hard labels, it does not depend on the few images at the edge of the gap
+    between the classes: on the carved validation split, which separates the classes almost
+    perfectly, every threshold in that gap has the same J, so J alone picks an arbitrary one.
+    """
+    y = np.asarray(y_true, dtype=np.float64)
+    return float(y.mean()) if 0 < y.sum() < len(y) else 0.5
+
+
+def operating_thresholds(y_true: Sequence[int], prob: Sequence[float], *, target: float = TARGET) -> dict[str, float]:
+    """Thresholds on calibrated P(pneumonia) chosen on (validation) scores.
+
+    ``balanced``: :func:`balanced_threshold`. ``high_sensitivity``: the most specific threshold
+    whose sensitivity is >= ``target``; ``high_specificity``: the most sensitive threshold whose
     specificity is >= ``target``. Each is clamped to the far side of ``balanced`` so the names
     keep their meaning: high_sensitivity never calls less pneumonia than balanced does.
     """
@@ -64,7 +80,7 @@ def operating_thresholds(y_true: Sequence[int], prob: Sequence[float], *, target
     thresholds = np.clip(thresholds, 0.0, 1.0)
     sensitive = np.flatnonzero(tpr >= target)
     specific = np.flatnonzero(1 - fpr >= target)
-    balanced = youden_threshold(y, p)
+    balanced = balanced_threshold(y)
     high_sensitivity = float(thresholds[sensitive[0]]) if sensitive.size else 0.0
     high_specificity = float(thresholds[specific[-1]]) if specific.size else 1.0
     return {
@@ -115,7 +131,37 @@ def calibrate_on_validation(y_true: Sequence[int], log_odds: Sequence[float]) ->
             for name, t in points.items()
         },
     }
-    decision = Decision(threshold=points["balanced"], threshold_source="validation_youden",
+    decision = Decision(threshold=points["balanced"], threshold_source=THRESHOLD_SOURCE,
                         temperature=temperature, calibration="temperature_scaling_on_validation",
                         operating_points=points, default_operating_point="balanced")
     return Calibration(decision, report)
+
+
+def cross_fitted(y_true: Sequence[int], log_odds: Sequence[float], *, folds: int,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[Decision]]:
+    """Site calibration measured honestly: ``folds`` stratified folds, each predicted by a
+    calibration (:func:`calibrate_on_validation`) fitted on the other folds only.
+
+    Returns each image's calibrated P(pneumonia), the threshold of the calibration that predicted
+    it (its default operating point), and the ``folds`` decisions.
+
+    Raises:
+        ConfigError: ``folds`` below 2 or above the smaller class's count.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    from pneumoscan.errors import ConfigError
+
+    y = np.asarray(y_true, dtype=np.int64)
+    z = np.asarray(log_odds, dtype=np.float64)
+    smallest = int(min(np.sum(y == 0), np.sum(y == 1)))
+    if not 2 <= folds <= smallest:
+        raise ConfigError(f"--site-folds must be between 2 and the smaller class's count ({smallest}), got {folds}")
+    prob, threshold = np.empty(len(y)), np.empty(len(y))
+    decisions = []
+    for fit_idx, held_idx in StratifiedKFold(folds, shuffle=True, random_state=seed).split(z, y):
+        decision = calibrate_on_validation(y[fit_idx], z[fit_idx]).decision
+        prob[held_idx] = decision.probability(z[held_idx])
+        threshold[held_idx] = decision.threshold
+        decisions.append(decision)
+    return prob, threshold, decisions

@@ -50,7 +50,9 @@ LEGACY_RECIPE_KEYS = ("class_weighting",)
 def model_card(spec: BundleSpec) -> dict[str, Any]:
     """The card: identity, data, intended use, metrics per operating point with CIs, calibration."""
     provenance = spec.provenance
-    training = provenance.training
+    members = provenance.training.get("members") or []
+    # An ensemble records each member's recipe; they differ only in their seeds.
+    training = members[0] if members else provenance.training
     decision = spec.decision
     train_counts = training.get("train_counts") or []
     calibration = spec.val_metrics.get("calibration", {})
@@ -80,15 +82,20 @@ def model_card(spec: BundleSpec) -> dict[str, Any]:
             "split_manifest_sha256": provenance.split_manifest_sha256,
             "recipe": {key: training[key] for key in RECIPE_KEYS + RUN_KEYS + LEGACY_RECIPE_KEYS
                        if key in training},
+            "ensemble": ({"members": spec.members, "member_seeds": [m.get("seed") for m in members],
+                          "combination": "mean of the members' log-odds, calibrated on validation"}
+                         if spec.members > 1 else None),
         },
         "decision": {"default_operating_point": decision.default_operating_point, "threshold": decision.threshold,
                      "threshold_source": decision.threshold_source,
-                     "operating_points": dict(decision.operating_points)},
+                     "operating_points": dict(decision.operating_points),
+                     "site_calibration": dict(decision.site) or None},
         "calibration": {"method": decision.calibration, "temperature": decision.temperature,
                         **{key: calibration[key] for key in ("ece_15_before", "ece_15_after",
                                                              "brier_before", "brier_after", "n")
                            if key in calibration}},
-        "input_gate": ({key: value for key, value in asdict(spec.gate).items() if key not in ("file", "sha256")}
+        "input_gate": ({key: value for key, value in asdict(spec.gate).items()
+                        if key not in ("file", "sha256", "extractor_file", "extractor_sha256")}
                        if spec.gate is not None else {}),
         "metrics": metrics,
     }

@@ -8,14 +8,10 @@ without a traceback and exit with status 2.
 from __future__ import annotations
 
 import csv
-import dataclasses
-import inspect
 import logging
 import sys
-import typing
-from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -41,50 +37,6 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _train(**values: Any) -> None:
-    """Train a classifier and write OUT/bundle (threshold chosen on validation)."""
-    from pneumoscan.training import Augmentation, train as run_training
-    from pneumoscan.training.config import from_cli
-
-    no_augment = values.pop("no_augment")
-    config = from_cli(values)
-    if no_augment:
-        config = replace(config, augmentation=Augmentation.none())
-    bundle = run_training(config)
-    if bundle is not None:
-        typer.echo(f"bundle written to {bundle}")
-
-
-def _register_train() -> None:
-    """``pneumoscan train``: one option per TrainConfig field, with the field's default and help."""
-    from pneumoscan.training.config import cli_options
-
-    parameters = []
-    for opt in cli_options():
-        kind = opt.type
-        if type(None) in typing.get_args(kind):  # "int | None" -> Optional[int], which typer reads
-            kind = Optional[next(t for t in typing.get_args(kind) if t is not type(None))]
-        required = opt.default is dataclasses.MISSING
-        info = typer.Option(*opt.flags, help=opt.help, show_default=not required)
-        parameters.append(inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY,
-                                            default=... if required else opt.default,
-                                            annotation=Annotated[kind, info]))
-    parameters.append(inspect.Parameter(
-        "no_augment", inspect.Parameter.KEYWORD_ONLY, default=False,
-        annotation=Annotated[bool, typer.Option("--no-augment", help="Switch all augmentation off.")]))
-
-    def train(**values: Any) -> None:
-        _train(**values)
-
-    train.__doc__ = _train.__doc__
-    train.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
-    train.__annotations__ = {p.name: p.annotation for p in parameters}
-    app.command()(train)
-
-
-_register_train()
-
-
 @app.command()
 def evaluate(
     data: Annotated[Path, typer.Option(help="Kaggle-layout root.")],
@@ -98,6 +50,9 @@ def evaluate(
     record: Annotated[bool, typer.Option(
         "--record", help="Also store the figures in the bundle's model.json (shown on its model card).")] = False,
     backend: BackendOption = "auto",
+    site_folds: Annotated[Optional[int], typer.Option(
+        help="Also report site-calibrated figures, cross-fitted over this many stratified folds "
+             "(each image predicted by a calibration fitted on the other folds).")] = None,
 ) -> None:
     """Evaluate a bundle on a split: metrics.json with 95% CIs, predictions.csv, plots, report.md."""
     from pneumoscan.bundle_tools import record_evaluation
@@ -106,13 +61,20 @@ def evaluate(
     if bootstrap < 100:
         _fail(f"--bootstrap must be at least 100, got {bootstrap}")
     metrics = evaluate_folder(model, data, split, out, n_boot=bootstrap, seed=seed,
-                              operating_point=operating_point, tta=tta, backend=backend)
+                              operating_point=operating_point, tta=tta, backend=backend, site_folds=site_folds)
     typer.echo(f"{split}: n={metrics['n']}, operating point {metrics['operating_point']}, "
                f"threshold={metrics['threshold']:.4f}")
     for name in METRIC_NAMES:
         m = metrics[name]
         if m["value"] is not None:
             typer.echo(f"  {name:<12} {m['value']:.4f}  (95% CI {m['ci_low']:.4f}-{m['ci_high']:.4f})")
+    site = metrics.get("site_calibrated")
+    if site:
+        typer.echo(f"site-calibrated, {site['folds']}-fold cross-fitted (each fold calibrated on the others):")
+        for name in METRIC_NAMES:
+            m = site[name]
+            if m["value"] is not None:
+                typer.echo(f"  {name:<12} {m['value']:.4f}  (95% CI {m['ci_low']:.4f}-{m['ci_high']:.4f})")
     gate = metrics["input_gate"]
     typer.echo(f"input gate not applied (every image scored); it would have refused {gate['would_refuse']} "
                f"of {metrics['n']}" + (f": {', '.join(f'{k} {v}' for k, v in gate['reasons'].items())}"
@@ -124,45 +86,6 @@ def evaluate(
     if record:
         record_evaluation(model, metrics)
         typer.echo(f"figures recorded in the bundle's model.json under reported_metrics.{split}")
-
-
-@app.command()
-def calibrate(
-    data: Annotated[Path, typer.Option(help="The Kaggle-layout root the model was trained on.")],
-    out: Annotated[Path, typer.Option(help="Where to write the calibrated bundle.")],
-    model: ModelOption = None,
-) -> None:
-    """Fit temperature scaling and the three operating points on the bundle's own validation split."""
-    from pneumoscan.bundle_tools import recalibrate_bundle
-
-    report = recalibrate_bundle(model, data, out)
-    typer.echo(f"temperature {report['temperature']:.3f}; validation ECE {report['ece_15_before']:.4f} -> "
-               f"{report['ece_15_after']:.4f} (n={report['n']})")
-    for name, point in report["operating_points"].items():
-        typer.echo(f"  {name:<17} threshold {point['threshold']:.4f}  sensitivity {point['sensitivity']:.3f}  "
-                   f"specificity {point['specificity']:.3f}")
-    typer.echo(f"calibrated bundle written to {out}")
-
-
-@app.command("fit-gate")
-def fit_gate(
-    data: Annotated[Path, typer.Option(help="The Kaggle-layout root the model was trained on.")],
-    out: Annotated[Path, typer.Option(help="Where to write the bundle with its input gate.")],
-    model: ModelOption = None,
-    quantile: Annotated[float, typer.Option(help="Validation quantile of the distance used as threshold.")] = 0.995,
-) -> None:
-    """Fit the input gate (Mahalanobis distance to training features) on the bundle's own split."""
-    from pneumoscan.bundle_tools import fit_bundle_gate
-
-    info = fit_bundle_gate(model, data, out, quantile=quantile)
-    typer.echo(f"gate threshold {info.threshold:.3f} ({info.quantile:.1%} of {info.n_val} validation "
-               f"images, statistics from {info.n_train} training images); bundle written to {out}")
-    synthetic = info.synthetic_non_xrays
-    typer.echo(f"refuses {synthetic['refused']} of {synthetic['n']} synthetic documents and screenshots")
-    if synthetic["refused"] < synthetic["target"] * synthetic["n"]:
-        typer.echo(f"warning: this gate refuses fewer than {synthetic['target']:.0%} of the synthetic "
-                   "non-X-rays; this network's features do not separate them from X-rays (run "
-                   "bench/gate.py for the full measurement)", err=True)
 
 
 @app.command()
@@ -270,33 +193,6 @@ def explain(
 
 
 @app.command()
-def export(
-    model: ModelOption = None,
-    out: Annotated[Optional[Path], typer.Option(help="Write the bundle with its ONNX model here (default: in place).")] = None,
-    format: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = "onnx",
-    data: Annotated[Optional[Path], typer.Option(
-        help="Kaggle-layout root the model was trained on: adds its validation images to the parity check.")] = None,
-) -> None:
-    """Export the bundle's network to ONNX (model.onnx, sha256 in model.json), checked against PyTorch."""
-    if format != "onnx":
-        _fail(f"unknown export format '{format}'; the one supported is onnx")
-    from pneumoscan.export import PARITY_TOLERANCE, export_bundle_onnx
-
-    real = []
-    if data is not None:
-        from pneumoscan.data import read_split
-        from pneumoscan.models import default_bundle_path, read_spec
-
-        bundle = model or default_bundle_path()
-        preprocessing = read_spec(bundle).preprocessing
-        real = [preprocessing.read(s.path) for s in read_split(bundle, data)[:32]]
-    info = export_bundle_onnx(model, out, real_images=real)
-    checks = ", ".join(f"{name} {value:.1e}" for name, value in info.parity_max_abs_diff.items())
-    typer.echo(f"model.onnx written (opset {info.opset}); largest probability difference from PyTorch: "
-               f"{checks} (limit {PARITY_TOLERANCE:.0e})")
-
-
-@app.command()
 def serve(
     model: Annotated[Optional[Path], typer.Option(
         "--model", envvar="PNEUMOSCAN_MODEL_DIR", help="Model bundle directory (default: the bundled model).")] = None,
@@ -337,6 +233,10 @@ def backbones() -> None:
 
     for name in list_backbones():
         typer.echo(f"{name:<20} {backbone_info(name).description}")
+
+
+# The commands that make or rewrite a model bundle (train, calibrate, fit-gate, ensemble, export).
+from pneumoscan import cli_model  # noqa: E402,F401  (registers them on ``app``)
 
 
 def main() -> None:

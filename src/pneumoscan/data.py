@@ -75,14 +75,26 @@ def scan_split(root: str | Path, split: str) -> list[Sample]:
             f"{root} has no '{split}' split folder (found: {', '.join(found) or 'nothing'}); "
             f"expected {root}/{split}/NORMAL and {root}/{split}/PNEUMONIA"
         )
+    return scan_labelled_folder(split_dir)
+
+
+def scan_labelled_folder(folder: str | Path) -> list[Sample]:
+    """List the images of ``FOLDER/{NORMAL,PNEUMONIA}`` (a split, or a site's labelled sample).
+
+    Raises:
+        DatasetError: the folder or a class folder is missing, or a class has no image.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"{folder} does not exist; expected a folder holding NORMAL/ and PNEUMONIA/")
     samples: list[Sample] = []
     for label, class_name in enumerate(CLASS_NAMES):
-        class_dir = split_dir / class_name
+        class_dir = folder / class_name
         if not class_dir.is_dir():
-            raise DatasetError(f"{split_dir} has no {class_name}/ class folder")
+            raise DatasetError(f"{folder} has no {class_name}/ class folder")
         files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise DatasetError(f"{class_dir} holds no .jpeg/.jpg/.png image")
+            raise DatasetError(f"{class_dir} holds no .jpeg/.jpg/.png/.dcm image")
         samples.extend(Sample(p, label, patient_id_from_name(p.name, label)) for p in files)
     return samples
 

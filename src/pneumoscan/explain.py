@@ -33,10 +33,11 @@ def explain(model: nn.Module, spec: "BundleSpec", pixels: np.ndarray, *, target:
     from pneumoscan.errors import ConfigError
     from pneumoscan.models import normalize
 
-    layer = spec.cam_layer or getattr(model, "cam_layer", "")
+    # An ensemble's map is the mean of its members' maps, each at its own last feature map.
+    layers = getattr(model, "cam_layers", None) or [spec.cam_layer or getattr(model, "cam_layer", "")]
     x = normalize(torch.from_numpy(np.ascontiguousarray(pixels))[None], spec.mean, spec.std)
     try:
-        cam = grad_cam(model, x, layer=layer, target=target)[0]
+        cam = grad_cam(model, x, layers=layers, target=target)[0]
     except (KeyError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"Grad-CAM is not available for {spec.backbone}: {exc}") from None
     return Explanation(cam=cam, central_share=central_share(cam))
@@ -54,15 +55,17 @@ class Explanation:
         return self.central_share < SHORTCUT_SHARE
 
 
-def grad_cam(model: nn.Module, x: torch.Tensor, *, layer: str, target: int = 1) -> np.ndarray:
-    """Grad-CAM maps (``B x H x W`` in [0, 1]) for class ``target`` of a normalised batch."""
+def grad_cam(model: nn.Module, x: torch.Tensor, *, layers: list[str], target: int = 1) -> np.ndarray:
+    """Grad-CAM maps (``B x H x W`` in [0, 1]) for class ``target`` of a normalised batch; with
+    several ``layers`` (an ensemble's members), the mean of their maps."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     modules = dict(model.named_modules())
-    if layer not in modules:
-        raise KeyError(f"layer '{layer}' is not in the model")
-    with torch.enable_grad(), GradCAM(model=model, target_layers=[modules[layer]]) as cam:
+    missing = [layer for layer in layers if layer not in modules]
+    if missing or not layers:
+        raise KeyError(f"layer '{(missing or [''])[0]}' is not in the model")
+    with torch.enable_grad(), GradCAM(model=model, target_layers=[modules[layer] for layer in layers]) as cam:
         maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)] * x.shape[0])
     return np.nan_to_num(np.asarray(maps, dtype=np.float32))
 

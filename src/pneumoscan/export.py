@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pneumoscan.errors import ConfigError
-from pneumoscan.models import Classifier, PixelNetwork
+from pneumoscan.models import Classifier, Ensemble
 from pneumoscan.runtime import OnnxRunner, TorchRunner
 from pneumoscan.spec import BundleSpec, OnnxInfo
 
@@ -26,13 +26,15 @@ OPSET = 17
 PARITY_TOLERANCE = 1e-4
 
 
-def export_onnx(model: Classifier, spec: BundleSpec, path: Path) -> None:
-    """Write the network as ONNX (dynamic batch size) to ``path``.
+def export_onnx(model: Classifier | Ensemble, spec: BundleSpec, path: Path, *,
+                extractor: Classifier | None = None) -> None:
+    """Write the network (every member, and the gate's extractor) as one ONNX graph (dynamic batch
+    size) to ``path``.
 
     Raises:
         ConfigError: the backbone has an operation the exporter cannot express.
     """
-    network = PixelNetwork(model.eval(), spec.mean, spec.std).eval()
+    network = TorchRunner.for_bundle(model, spec, extractor=extractor).network
     example = torch.zeros(2, 1, spec.input_size, spec.input_size, dtype=torch.uint8)
     try:
         # The TorchScript-based exporter: one self-contained file, no onnxscript needed.
@@ -45,9 +47,9 @@ def export_onnx(model: Classifier, spec: BundleSpec, path: Path) -> None:
                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
-def parity(model: Classifier, spec: BundleSpec, runner: OnnxRunner, pixels: np.ndarray) -> float:
+def parity(torch_runner: TorchRunner, spec: BundleSpec, runner: OnnxRunner, pixels: np.ndarray) -> float:
     """Largest difference of calibrated P(pneumonia) between PyTorch and ONNX Runtime on ``pixels``."""
-    expected = spec.decision.probability(TorchRunner(model, spec)(pixels)[0])
+    expected = spec.decision.probability(torch_runner(pixels)[0])
     actual = spec.decision.probability(runner(pixels)[0])
     return float(np.max(np.abs(expected - actual)))
 
@@ -62,21 +64,23 @@ def export_bundle_onnx(bundle_dir: Path | None, out_dir: Path | None = None, *,
     Raises:
         ConfigError: the network cannot be exported, or the exported model disagrees with PyTorch.
     """
-    from pneumoscan.models import default_bundle_path, load_bundle, rewrite_bundle
+    from pneumoscan.models import default_bundle_path, load_bundle, load_gate_extractor, rewrite_bundle
     from pneumoscan.models.bundle import sha256_file
 
     bundle_dir = bundle_dir or default_bundle_path()
     out_dir = out_dir or bundle_dir
-    model, spec = load_bundle(bundle_dir)
+    model, spec = load_bundle(bundle_dir, check_onnx=False)  # the graph is about to be replaced
+    extractor = load_gate_extractor(bundle_dir, spec)
+    torch_runner = TorchRunner.for_bundle(model, spec, extractor=extractor)
     size = spec.input_size
     random = np.random.default_rng(0).integers(0, 256, (8, 1, size, size), dtype=np.uint8)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / ONNX_FILE
-        export_onnx(model, spec, onnx_path)
+        export_onnx(model, spec, onnx_path, extractor=extractor)
         runner = OnnxRunner(onnx_path)
-        checks = {"random": parity(model, spec, runner, random)}
+        checks = {"random": parity(torch_runner, spec, runner, random)}
         if real_images:
-            checks["real"] = parity(model, spec, runner, np.stack(list(real_images)))
+            checks["real"] = parity(torch_runner, spec, runner, np.stack(list(real_images)))
         worst = max(checks.values())
         if worst > PARITY_TOLERANCE:
             raise ConfigError(f"the ONNX export of {spec.backbone} disagrees with PyTorch: probabilities differ "

@@ -19,7 +19,7 @@ from pneumoscan.errors import BundleError, ConfigError
 from pneumoscan.spec import BundleSpec
 
 if TYPE_CHECKING:
-    from pneumoscan.models import Classifier
+    from pneumoscan.models import Classifier, Ensemble, PixelNetwork
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +88,19 @@ class TorchRunner:
 
     name = "torch"
 
-    def __init__(self, model: "Classifier", spec: BundleSpec) -> None:
-        from pneumoscan.models import PixelNetwork
+    def __init__(self, network: "PixelNetwork") -> None:
+        self.network = network.eval()
 
-        self.network = PixelNetwork(model.eval(), spec.mean, spec.std).eval()
+    @classmethod
+    def for_bundle(cls, model: "Classifier | Ensemble", spec: BundleSpec, *,
+                   extractor: "Classifier | None" = None) -> "TorchRunner":
+        """The runner of a bundle's network (and of its gate's extractor, if it has one)."""
+        from pneumoscan.models import PixelNetwork, backbone_info
+
+        info = backbone_info(spec.gate.extractor) if extractor is not None and spec.gate is not None else None
+        return cls(PixelNetwork(model.eval(), spec.mean, spec.std, extractor=extractor,
+                                extractor_mean=info.mean if info else None,
+                                extractor_std=info.std if info else None))
 
     def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import torch
@@ -101,8 +110,8 @@ class TorchRunner:
         return log_odds.double().numpy(), features.numpy()
 
 
-def open_runner(directory: Path, spec: BundleSpec, model: "Classifier", *, backend: str = "auto",
-                allow_torch_fallback: bool = False) -> Runner:
+def open_runner(directory: Path, spec: BundleSpec, model: "Classifier | Ensemble", *, backend: str = "auto",
+                allow_torch_fallback: bool = False, extractor: "Classifier | None" = None) -> Runner:
     """The runner ``backend`` asks for: ``onnxruntime``, ``torch``, or ``auto`` (ONNX Runtime when
     the bundle has an exported graph and onnxruntime is installed, PyTorch otherwise).
 
@@ -117,17 +126,17 @@ def open_runner(directory: Path, spec: BundleSpec, model: "Classifier", *, backe
     if backend not in BACKENDS:
         raise ConfigError(f"unknown inference backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     if backend == "torch":
-        return TorchRunner(model, spec)
+        return TorchRunner.for_bundle(model, spec, extractor=extractor)
     if spec.onnx is None:
         if backend == "onnxruntime":
             raise ConfigError(f"{directory} has no ONNX model; run 'pneumoscan export --model {directory}' first")
-        return TorchRunner(model, spec)
+        return TorchRunner.for_bundle(model, spec, extractor=extractor)
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         if backend == "onnxruntime":
             raise ConfigError("the onnxruntime backend needs the onnxruntime package (pip install onnxruntime)") from None
-        return TorchRunner(model, spec)
+        return TorchRunner.for_bundle(model, spec, extractor=extractor)
     from pneumoscan.models import verify_part
 
     try:
@@ -137,4 +146,4 @@ def open_runner(directory: Path, spec: BundleSpec, model: "Classifier", *, backe
         if not allow_torch_fallback:
             raise
         log.warning("%s; running the network on PyTorch instead", exc)
-        return TorchRunner(model, spec)
+        return TorchRunner.for_bundle(model, spec, extractor=extractor)

@@ -36,6 +36,9 @@ class Decision:
     calibration: str = "none"  # "temperature_scaling_on_validation" when fitted there
     operating_points: Mapping[str, float] = field(default_factory=dict)  # name -> threshold
     default_operating_point: str = "balanced"
+    # Set when a site's labelled sample, not the training split, fitted this decision
+    # (``pneumoscan calibrate --site``): n per class, sha256 of the file list, where it came from.
+    site: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def points(self) -> dict[str, float]:
@@ -76,6 +79,15 @@ class GateInfo:
     n_train: int = 0
     n_val: int = 0
     synthetic_non_xrays: Mapping[str, float] = field(default_factory=dict)  # n, refused, target
+    # The frozen ImageNet network whose pooled features the gate measures (its weights in
+    # ``extractor_file``, sha256-checked), so that fine-tuning never moves the gate. "" = the
+    # classifier's own features (gates fitted before independent extractors existed).
+    extractor: str = ""
+    extractor_file: str = ""
+    extractor_sha256: str = ""
+    # Measured when fitted: share of validation X-rays (and of their inverted copies) refused.
+    validation_refused: float | None = None
+    inverted_refused: float | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +125,7 @@ class BundleSpec:
     class_names: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
     dropout: float = 0.5
     cam_layer: str = ""
+    members: int = 1  # >1: an ensemble whose members' log-odds are averaged
     name: str = "pneumoscan-model"
     weights_sha256: str = ""
     weights_dtype: str = "float32"

@@ -82,8 +82,9 @@ class Estimate:
                 (("value", self.value), ("ci_low", self.ci_low), ("ci_high", self.ci_high))}
 
 
-def point_metrics(y_true: Sequence[int], y_score: Sequence[float], *, threshold: float) -> dict[str, float]:
-    """Every metric in METRIC_NAMES at ``threshold``."""
+def point_metrics(y_true: Sequence[int], y_score: Sequence[float], *,
+                  threshold: float | np.ndarray) -> dict[str, float]:
+    """Every metric in METRIC_NAMES at ``threshold`` (one for all, or one per image)."""
     y = np.asarray(y_true, dtype=np.int64)
     s = np.asarray(y_score, dtype=np.float64)
     values = {k: float(v) for k, v in _threshold_metrics(y, s, threshold).items()}
@@ -91,9 +92,12 @@ def point_metrics(y_true: Sequence[int], y_score: Sequence[float], *, threshold:
     return {name: values[name] for name in METRIC_NAMES}
 
 
-def bootstrap_metrics(y_true: Sequence[int], y_score: Sequence[float], *, threshold: float,
+def bootstrap_metrics(y_true: Sequence[int], y_score: Sequence[float], *, threshold: float | np.ndarray,
                       n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, Estimate]:
     """Point estimates and percentile bootstrap intervals (images resampled with replacement).
+
+    ``threshold`` is one for all images, or one per image (cross-fitted calibrations), resampled
+    with its image.
 
     Raises:
         ValueError: no predictions.
@@ -102,10 +106,12 @@ def bootstrap_metrics(y_true: Sequence[int], y_score: Sequence[float], *, thresh
     s = np.asarray(y_score, dtype=np.float64)
     if len(y) == 0:
         raise ValueError("no predictions to evaluate")
+    threshold = np.asarray(threshold, dtype=np.float64) if np.ndim(threshold) else float(threshold)
     point = point_metrics(y, s, threshold=threshold)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(y), size=(n_boot, len(y)))
-    boot = _threshold_metrics(y[idx], s[idx], threshold)
+    cut = threshold[idx] if np.ndim(threshold) else threshold
+    boot = _threshold_metrics(y[idx], s[idx], cut)
     boot["roc_auc"] = np.array([_auc(y[i], s[i]) for i in idx])
     alpha = (1 - level) / 2
     result = {}
@@ -119,7 +125,8 @@ def bootstrap_metrics(y_true: Sequence[int], y_score: Sequence[float], *, thresh
     return result
 
 
-def confusion_matrix(y_true: Sequence[int], y_score: Sequence[float], *, threshold: float) -> dict[str, int]:
+def confusion_matrix(y_true: Sequence[int], y_score: Sequence[float], *,
+                     threshold: float | np.ndarray) -> dict[str, int]:
     """``{"tn", "fp", "fn", "tp"}`` with PNEUMONIA as the positive class."""
     tn, fp, fn, tp = _counts(np.asarray(y_true), np.asarray(y_score) >= threshold)
     return {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)}

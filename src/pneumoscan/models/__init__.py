@@ -6,13 +6,14 @@ from pneumoscan.models import backbones as _backbones  # noqa: F401  (registers 
 from pneumoscan.models.bundle import (
     default_bundle_path,
     load_bundle,
+    load_gate_extractor,
     read_spec,
     rewrite_bundle,
     save_bundle,
     verify_bundle,
     verify_part,
 )
-from pneumoscan.models.network import HEADS, Classifier, PixelNetwork, normalize
+from pneumoscan.models.network import HEADS, Classifier, Ensemble, PixelNetwork, normalize, pooled
 from pneumoscan.models.registry import (
     backbone_info,
     create_classifier,
@@ -24,6 +25,8 @@ __all__ = [
     "HEADS",
     "BundleSpec",
     "Classifier",
+    "Ensemble",
+    "pooled",
     "backbone_info",
     "create_classifier",
     "default_bundle_path",
@@ -31,6 +34,7 @@ __all__ = [
     "normalize",
     "PixelNetwork",
     "load_bundle",
+    "load_gate_extractor",
     "read_spec",
     "rewrite_bundle",
     "register_backbone",

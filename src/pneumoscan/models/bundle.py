@@ -21,7 +21,7 @@ from torch import nn
 
 from pneumoscan.data import SPLIT_FILE
 from pneumoscan.errors import BundleError, PneumoscanError
-from pneumoscan.models.network import Classifier
+from pneumoscan.models.network import Classifier, Ensemble
 from pneumoscan.models.registry import create_classifier
 from pneumoscan.spec import BundleSpec, GateInfo, OnnxInfo
 
@@ -29,7 +29,8 @@ WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
 
 __all__ = ["SPEC_FILE", "SPLIT_FILE", "WEIGHTS_FILE", "BundleSpec", "default_bundle_path", "load_bundle",
-           "read_spec", "rewrite_bundle", "save_bundle", "sha256_file", "verify_bundle", "verify_part"]
+           "load_gate_extractor", "load_weights", "read_spec", "rewrite_bundle", "save_bundle", "save_weights",
+           "sha256_file", "verify_bundle", "verify_part"]
 
 
 def sha256_file(path: Path) -> str:
@@ -41,6 +42,33 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def save_weights(model: nn.Module, path: Path, *, half: bool = False) -> None:
+    """A module's state dict as safetensors (floating tensors in fp16 with ``half``)."""
+    from safetensors.torch import save_file
+
+    dtype = torch.float16 if half else torch.float32
+    state = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
+             for k, v in model.state_dict().items()}
+    save_file(state, str(path))
+
+
+def load_weights(model: nn.Module, path: Path, *, what: str) -> nn.Module:
+    """Load a safetensors state dict into ``model`` (strictly, as float32) and return it in eval mode.
+
+    Raises:
+        BundleError: the file does not fit the model.
+    """
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
+                              strict=True)
+    except Exception as exc:
+        raise BundleError(f"{path} does not fit a {what} model: {str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
 def save_bundle(model: nn.Module, spec: BundleSpec, directory: str | Path, *, half: bool = False,
                 extra_files: dict[str, Path] | None = None) -> BundleSpec:
     """Write a bundle atomically: into a temporary sibling directory, then renamed into place.
@@ -48,22 +76,19 @@ def save_bundle(model: nn.Module, spec: BundleSpec, directory: str | Path, *, ha
     A crash never leaves a half-written bundle under ``directory``. An existing bundle there is
     replaced. Returns the spec as written (with the weights' sha256 filled in).
     """
-    from safetensors.torch import save_file
-
-    dtype = torch.float16 if half else torch.float32
-    state = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
-             for k, v in model.state_dict().items()}
-    return _write_bundle(Path(directory), spec.replace(weights_dtype=str(dtype).removeprefix("torch.")),
-                         lambda path: save_file(state, str(path)), extra_files)
+    members = len(model.members) if isinstance(model, Ensemble) else 1
+    spec = spec.replace(weights_dtype="float16" if half else "float32", members=members)
+    return _write_bundle(Path(directory), spec, lambda path: save_weights(model, path, half=half), extra_files)
 
 
 def rewrite_bundle(source: str | Path, spec: BundleSpec, directory: str | Path, *,
-                   extra_files: dict[str, Path] | None = None) -> BundleSpec:
+                   extra_files: dict[str, Path] | None = None, drop: tuple[str, ...] = ()) -> BundleSpec:
     """Write ``spec`` as a new bundle that keeps ``source``'s weights file byte for byte, and its
-    other files (split list, input gate, ONNX model), with ``extra_files`` added or replacing them."""
+    other files (split list, input gate, ONNX model) but those in ``drop``, with ``extra_files``
+    added or replacing them."""
     source = Path(source)
     kept = {item.name: item for item in source.iterdir()
-            if item.is_file() and item.name not in (WEIGHTS_FILE, SPEC_FILE)}
+            if item.is_file() and item.name not in (WEIGHTS_FILE, SPEC_FILE, *drop)}
     return _write_bundle(Path(directory), spec, lambda path: shutil.copyfile(source / WEIGHTS_FILE, path),
                          {**kept, **(extra_files or {})})
 
@@ -148,11 +173,16 @@ def verify_bundle(directory: str | Path, *, check_onnx: bool = True) -> BundleSp
     for part in (spec.gate, spec.onnx if check_onnx else None):
         if part is not None:
             verify_part(directory, part)
+    if spec.gate is not None and spec.gate.extractor_file:
+        path = directory / spec.gate.extractor_file
+        if not path.is_file() or sha256_file(path) != spec.gate.extractor_sha256:
+            raise BundleError(f"{path} is missing, corrupt or was modified; refusing to load the bundle")
     return spec
 
 
-def load_bundle(directory: str | Path, *, check_onnx: bool = True) -> tuple[Classifier, BundleSpec]:
-    """Rebuild the network from a verified bundle and return it in eval mode (float32).
+def load_bundle(directory: str | Path, *, check_onnx: bool = True) -> tuple[Classifier | Ensemble, BundleSpec]:
+    """Rebuild the network (a :class:`Classifier`, or an :class:`Ensemble` of them) from a verified
+    bundle and return it in eval mode (float32).
 
     Raises:
         BundleError: see :func:`verify_bundle`; also weights that do not fit the declared
@@ -160,23 +190,31 @@ def load_bundle(directory: str | Path, *, check_onnx: bool = True) -> tuple[Clas
     """
     directory = Path(directory)
     spec = verify_bundle(directory, check_onnx=check_onnx)
-    weights_path = directory / WEIGHTS_FILE
     try:
-        model = create_classifier(spec.backbone, weights="none", head=spec.head,
-                                  input_size=spec.input_size, dropout=spec.dropout)
+        members = [create_classifier(spec.backbone, weights="none", head=spec.head,
+                                     input_size=spec.input_size, dropout=spec.dropout)
+                   for _ in range(max(spec.members, 1))]
     except PneumoscanError as exc:
         raise BundleError(f"{directory}: {exc}") from None
-    from safetensors.torch import load_file
+    model: Classifier | Ensemble = Ensemble(members) if len(members) > 1 else members[0]
+    what = f"{spec.members}-member {spec.backbone}/{spec.head}" if spec.members > 1 else f"{spec.backbone}/{spec.head}"
+    return load_weights(model, directory / WEIGHTS_FILE, what=what), spec
 
+
+def load_gate_extractor(directory: str | Path, spec: BundleSpec) -> Classifier | None:
+    """The gate's frozen ImageNet feature extractor (its file was checked with the bundle), or None.
+
+    Raises:
+        BundleError: the file does not fit the named backbone.
+    """
+    gate = spec.gate
+    if gate is None or not gate.extractor:
+        return None
     try:
-        state = load_file(str(weights_path))
-        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        model.load_state_dict(state, strict=True)
-    except Exception as exc:
-        raise BundleError(f"{weights_path} does not fit a {spec.backbone}/{spec.head} model: "
-                          f"{str(exc).splitlines()[0]}") from None
-    model.eval()
-    return model, spec
+        extractor = create_classifier(gate.extractor, weights="none", input_size=spec.input_size)
+    except PneumoscanError as exc:
+        raise BundleError(f"{directory}: the gate's extractor: {exc}") from None
+    return load_weights(extractor, Path(directory) / gate.extractor_file, what=f"{gate.extractor} extractor")
 
 
 def default_bundle_path() -> Path:

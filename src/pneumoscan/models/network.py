@@ -75,21 +75,69 @@ def build_head(name: str, *, num_features: int, feature_hw: tuple[int, int], num
     raise ConfigError(f"unknown head '{name}'; choose one of: {', '.join(HEADS)}")
 
 
-class PixelNetwork(nn.Module):
-    """uint8 ``B x 1 x S x S`` pixels -> (uncalibrated log-odds of pneumonia ``B``, pooled features ``B x C``).
+class Ensemble(nn.Module):
+    """K classifiers that share one preprocessing; their logits (so their log-odds) are averaged.
 
-    The log-odds are logit(PNEUMONIA) - logit(NORMAL); the features are the last feature map
-    averaged over space, which the input gate measures.
+    Grad-CAM reads every member's own layer (:attr:`cam_layers`) and averages the maps.
     """
 
-    def __init__(self, net: Classifier, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, members: Sequence[Classifier]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ConfigError(f"an ensemble needs at least 2 members, got {len(members)}")
+        self.members = nn.ModuleList(members)
+
+    @property
+    def cam_layers(self) -> list[str]:
+        return [f"members.{i}.{m.cam_layer}" for i, m in enumerate(self.members)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The mean of the logits differences to the mean of the members' log-odds.
+        return torch.stack([member(x) for member in self.members]).mean(dim=0)
+
+
+def pooled(feature_map: torch.Tensor) -> torch.Tensor:
+    """A feature map averaged over space (``B x C``); vectors pass through."""
+    return feature_map.mean(dim=(2, 3)) if feature_map.ndim == 4 else feature_map
+
+
+class PixelNetwork(nn.Module):
+    """uint8 ``B x 1 x S x S`` pixels -> (uncalibrated log-odds of pneumonia ``B``, gate features ``B x C``).
+
+    The log-odds are logit(PNEUMONIA) - logit(NORMAL), averaged over an ensemble's members. The
+    gate features are the pooled last feature map of ``extractor`` (a frozen ImageNet backbone, so
+    the input gate does not move when fine-tuning does), or, for bundles without one, of the
+    classifier itself.
+    """
+
+    def __init__(self, net: Classifier | Ensemble, mean: Sequence[float], std: Sequence[float], *,
+                 extractor: Classifier | None = None, extractor_mean: Sequence[float] | None = None,
+                 extractor_std: Sequence[float] | None = None) -> None:
         super().__init__()
         self.net = net
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self.extractor = extractor
+        self.extractor_mean = tuple(float(m) for m in (extractor_mean or mean))
+        self.extractor_std = tuple(float(s) for s in (extractor_std or std))
+
+    def gate_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The extractor's pooled features alone (fitting a gate needs no log-odds)."""
+        assert self.extractor is not None, "no gate extractor"
+        return pooled(self.extractor.forward_features(normalize(pixels, self.extractor_mean, self.extractor_std)))
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feature_map = self.net.forward_features(normalize(pixels, self.mean, self.std))
-        logits = self.net.forward_head(feature_map)
-        pooled = feature_map.mean(dim=(2, 3)) if feature_map.ndim == 4 else feature_map
-        return logits[:, 1] - logits[:, 0], pooled
+        x = normalize(pixels, self.mean, self.std)
+        if self.extractor is not None:
+            logits = self.net(x)
+            same = (self.extractor_mean, self.extractor_std) == (self.mean, self.std)
+            x_gate = x if same else normalize(pixels, self.extractor_mean, self.extractor_std)
+            features = pooled(self.extractor.forward_features(x_gate))
+        elif isinstance(self.net, Ensemble):
+            logits = self.net(x)
+            features = pooled(self.net.members[0].forward_features(x))
+        else:
+            feature_map = self.net.forward_features(x)
+            logits = self.net.forward_head(feature_map)
+            features = pooled(feature_map)
+        return logits[:, 1] - logits[:, 0], features
