@@ -8,7 +8,10 @@ eager and on ONNX Runtime, measured side by side in one run.
 - the network's GFLOP per image (PyTorch's FLOP counter) and the GFLOP/s it reaches, against the
   GFLOP/s of a large float32 matrix multiply on the same cores;
 - with ``--data``: the 624 test images through ``Predictor.predict_paths`` (what ``pneumoscan
-  predict`` runs), in images/s.
+  predict`` runs), in images/s;
+- ``--members 1,3,5``: single-image end-to-end latency on ONNX Runtime of ensembles of K members
+  of the bundle's architecture plus the independent gate's frozen extractor, exported as one
+  graph each (random weights: timing only).
 The seed-equivalent is torchvision's ResNet50 with the seed's Flatten-512-128-2 head (random
 weights: timing only). Without ``--data`` the image is a synthetic 1024x1024 JPEG.
 """
@@ -77,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, help="Kaggle-layout root: real test images for latency and throughput")
     parser.add_argument("--repeats", type=int, default=200, help="timed single-image runs per engine")
     parser.add_argument("--seed-repeats", type=int, default=30, help="timed runs of the (slow) seed-equivalent")
+    parser.add_argument("--members", default="", help="comma-separated ensemble sizes to time, e.g. 1,3,5")
     args = parser.parse_args(argv)
 
     from pneumoscan.imaging import Preprocessing
@@ -138,7 +142,39 @@ def main(argv: list[str] | None = None) -> int:
             seconds = time.perf_counter() - started
             assert all(o.status != "error" for o in outcomes)
             print(f"  {name:<14} {len(paths) / seconds:>7.1f} images/s  ({seconds:.2f} s)")
+    if args.members:
+        ensemble_latency(eager, jpeg, [int(k) for k in args.members.split(",") if k.strip()], args.repeats)
     return 0
+
+
+def ensemble_latency(eager, jpeg: bytes, sizes: list[int], repeats: int) -> None:
+    """Single-image e2e p50/p95 on ONNX Runtime for K-member ensembles with the gate's extractor."""
+    import tempfile
+
+    from pneumoscan.bundle_tools import GATE_EXTRACTOR
+    from pneumoscan.export import export_onnx
+    from pneumoscan.gate import FeatureGate
+    from pneumoscan.inference import Predictor
+    from pneumoscan.models import Ensemble, create_classifier
+    from pneumoscan.runtime import OnnxRunner
+    from pneumoscan.spec import GateInfo
+
+    spec = eager.spec.replace(gate=GateInfo("gate", "", 1e9, extractor=GATE_EXTRACTOR))
+    make = lambda: create_classifier(spec.backbone, head=spec.head, input_size=spec.input_size).eval()  # noqa: E731
+    extractor = create_classifier(GATE_EXTRACTOR, input_size=spec.input_size).eval()
+    print(f"\nensembles on ONNX Runtime, one image end to end, with the gate's {GATE_EXTRACTOR} extractor:")
+    print(f"  {'members':>7} {'e2e p50 ms':>10} {'e2e p95 ms':>10}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in sizes:
+            model = make() if k == 1 else Ensemble([make() for _ in range(k)])
+            path = Path(tmp) / f"k{k}.onnx"
+            export_onnx(model, spec, path, extractor=extractor)
+            features = OnnxRunner(path)(np.zeros((1, 1, spec.input_size, spec.input_size), np.uint8))[1]
+            gate = FeatureGate(np.zeros(features.shape[1]), np.eye(features.shape[1]), threshold=1e9)
+            predictor = Predictor(model, spec, OnnxRunner(path), gate=gate)
+            p50, p95 = _percentiles(_timed(
+                lambda: predictor.predict([predictor.preprocessing.decode(jpeg)])[0].probability, repeats))
+            print(f"  {k:>7} {p50:>10.2f} {p95:>10.2f}")
 
 
 if __name__ == "__main__":
