@@ -53,3 +53,15 @@ def test_snapshot_ensemble_scores_each_kept_epoch_and_their_mean(xray_root: Path
     with pytest.raises(SystemExit):
         snapshot.main(["--data", str(xray_root), "--run", str(run), "--epochs", "two"])
     assert "comma-separated epoch numbers" in capsys.readouterr().err
+
+
+def test_latency_bench_times_ensembles_with_the_gate_extractor(tiny_bundle: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("onnxruntime")
+    from pneumoscan.inference import Predictor
+
+    latency = _load("latency")
+    latency.ensemble_latency(Predictor.from_bundle(tiny_bundle, backend="torch"), latency._sample_jpeg(None),
+                             [1, 2], repeats=3)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[0] for row in rows] == ["1", "2"] and all(float(row[1]) > 0 for row in rows)

@@ -116,6 +116,14 @@ def test_independent_gate_stays_when_the_classifier_changes(ensemble_bundle: Pat
     refit = tmp_path / "refit"  # refitting the gate of an exported bundle re-exports its graph
     assert runner.invoke(app, ["fit-gate", "--data", str(xray_root), "--model", str(onnx), "--out", str(refit)]).exit_code == 0
     assert verify_bundle(refit).onnx is not None and Predictor.from_bundle(refit).backend == "onnxruntime"
+    # an ensemble whose first member carries an independent gate keeps it, unchanged
+    from pneumoscan.bundle_tools import build_ensemble
+
+    report = build_ensemble([single, tiny_bundle], xray_root, tmp_path / "ens")
+    kept = verify_bundle(tmp_path / "ens")
+    assert report["gate_kept"] and kept.gate == read_spec(single).gate and kept.onnx is None
+    joined = Predictor.from_bundle(tmp_path / "ens")
+    np.testing.assert_allclose(joined.forward(pixels)[1], b.forward(pixels)[1], atol=1e-5)
 
 
 def _site(root: Path, per_class: int) -> Path:

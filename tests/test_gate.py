@@ -129,3 +129,17 @@ def test_screen_asks_the_feature_gate_only_when_the_image_checks_pass() -> None:
     tiny = make_xray(8, size=(40, 40))
     assert screen(tiny, far, gate).reasons == ("too_small",)  # image reasons first, alone
     assert screen(xray, far, None).reasons == () and screen(xray, None, gate).distance is None
+
+
+def test_polarity_detector_refuses_negative_films_with_their_own_reason(tmp_path) -> None:
+    rng = np.random.default_rng(9)
+    upright = rng.normal(0, 1, (300, 6))
+    inverted = upright + np.array([0, 0, 3.0, 0, 0, 0])  # near in distance, on the other side of a plane
+    gate = FeatureGate.fit(upright, upright[:50], quantile=0.99, inverted_features=inverted[::2])
+    assert gate.inverted(inverted).mean() > 0.9 and gate.inverted(upright).mean() < 0.1
+    xray = make_xray(10, size=(96, 96))
+    assert screen(xray, inverted[1], gate).reasons == ("inverted_image",)
+    assert screen(xray, upright[1], gate).reasons == ()
+    gate.save(tmp_path / "gate.safetensors")  # the detector travels with the gate file
+    loaded = FeatureGate.load(tmp_path / "gate.safetensors")
+    assert np.array_equal(loaded.inverted(inverted), gate.inverted(inverted))

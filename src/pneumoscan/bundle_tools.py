@@ -168,8 +168,8 @@ def fit_bundle_gate(bundle_dir: Path | None, data_root: Path, out_dir: Path, *, 
         with torch.inference_mode():
             return network.gate_features(torch.from_numpy(pixels)).numpy()
 
-    def split_features(role: str, *, invert: bool = False) -> np.ndarray:
-        samples = read_split(bundle_dir, data_root, role=role)
+    def split_features(role: str, *, invert: bool = False, every: int = 1) -> np.ndarray:
+        samples = read_split(bundle_dir, data_root, role=role)[::every]
         chunks = []
         for start in range(0, len(samples), batch_size):
             pixels = np.stack([predictor.preprocessing.read(s.path) for s in samples[start:start + batch_size]])
@@ -177,8 +177,12 @@ def fit_bundle_gate(bundle_dir: Path | None, data_root: Path, out_dir: Path, *, 
         return np.concatenate(chunks)
 
     train_features, val_features = split_features("train"), split_features("val")
-    gate = FeatureGate.fit(train_features, val_features, quantile=quantile)
-    inverted = gate.distances(split_features("val", invert=True)) > gate.threshold
+    # Negative films: every fourth training image inverted teaches the polarity detector.
+    inverted_train = split_features("train", invert=True, every=4)
+    gate = FeatureGate.fit(train_features, val_features, quantile=quantile, inverted_features=inverted_train)
+    inverted_val = split_features("val", invert=True)
+    inverted = gate.inverted(inverted_val) | (gate.distances(inverted_val) > gate.threshold)
+    val_refused = gate.inverted(val_features) | (gate.distances(val_features) > gate.threshold)
     if network is not None:
         predictor.runner = TorchRunner(network)
     predictor.gate = gate  # this local predictor now stands for the gated bundle being written
@@ -198,7 +202,7 @@ def fit_bundle_gate(bundle_dir: Path | None, data_root: Path, out_dir: Path, *, 
         info = GateInfo(file=GATE_FILE, sha256=sha256_file(gate_path), threshold=round(gate.threshold, 6),
                         quantile=quantile, method=method, n_train=int(len(train_features)),
                         n_val=int(len(val_features)),
-                        validation_refused=round(float(np.mean(gate.distances(val_features) > gate.threshold)), 6),
+                        validation_refused=round(float(np.mean(val_refused)), 6),
                         inverted_refused=round(float(np.mean(inverted)), 6), **info_kwargs)
         info = replace(info, synthetic_non_xrays=synthetic_refusals(predictor))
         had_onnx = spec.onnx is not None
@@ -219,7 +223,9 @@ def build_ensemble(member_dirs: list[Path], data_root: Path, out_dir: Path, *, b
     """Join member bundles into one ensemble bundle: their log-odds are averaged, and the mean is
     calibrated on the members' shared validation split. Weights are stored in fp16.
 
-    Fit its gate (``fit-gate``) and export it (``export``) afterwards, as for any bundle.
+    When the first member's gate measures a frozen extractor (not the classifier), the ensemble
+    keeps it: the members share its preprocessing and split, so its statistics hold unchanged.
+    Otherwise fit one (``fit-gate``). Export (``export``) afterwards, as for any bundle.
 
     Raises:
         ConfigError: fewer than two members, members that disagree on preprocessing or
@@ -267,5 +273,9 @@ def build_ensemble(member_dirs: list[Path], data_root: Path, out_dir: Path, *, b
             split_manifest_sha256=first.provenance.split_manifest_sha256,
             versions=dict(first.provenance.versions),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds")))
-    save_bundle(ensemble, spec, out_dir, half=True, extra_files={SPLIT_FILE: Path(member_dirs[0]) / SPLIT_FILE})
-    return calibration.report
+    extra = {SPLIT_FILE: Path(member_dirs[0]) / SPLIT_FILE}
+    if first.gate is not None and first.gate.extractor:
+        spec = spec.replace(gate=first.gate)
+        extra.update({name: Path(member_dirs[0]) / name for name in (first.gate.file, first.gate.extractor_file)})
+    save_bundle(ensemble, spec, out_dir, half=True, extra_files=extra)
+    return {**calibration.report, "gate_kept": spec.gate is not None}

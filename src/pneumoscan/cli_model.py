@@ -133,7 +133,11 @@ def ensemble(
     typer.echo(f"{len(members)} members; validation (n={report['n']}): log loss {point['loss']:.4f}, "
                f"AUC {point['roc_auc']:.4f}, accuracy {point['accuracy']:.4f} at threshold {point['threshold']:.4f}; "
                f"temperature {report['temperature']:.3f}")
-    typer.echo(f"ensemble bundle written to {out}; next: 'pneumoscan fit-gate' and 'pneumoscan export'")
+    if report["gate_kept"]:
+        typer.echo(f"ensemble bundle written to {out}, with the first member's independent gate; next: "
+                   "'pneumoscan export'")
+    else:
+        typer.echo(f"ensemble bundle written to {out}; next: 'pneumoscan fit-gate' and 'pneumoscan export'")
 
 
 @app.command()

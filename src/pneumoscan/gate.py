@@ -82,7 +82,8 @@ def screen(image: Image.Image, features: np.ndarray | None, gate: "FeatureGate |
     """The input-gate decision for one image and its pooled backbone features (``C``).
 
     The image checks come first; the feature gate is consulted only when they pass (a colour
-    photo's feature distance says nothing more). Without a gate or features, the image checks
+    photo's feature distance says nothing more): first the distance, then, for an image near the
+    X-rays, the polarity detector (a negative film). Without a gate or features, the image checks
     decide alone.
     """
     distance = None
@@ -91,6 +92,8 @@ def screen(image: Image.Image, features: np.ndarray | None, gate: "FeatureGate |
     reasons = image_reasons(image)
     if not reasons and distance is not None and distance > gate.threshold:
         reasons = ["out_of_distribution"]
+    elif not reasons and gate is not None and features is not None and gate.inverted(np.asarray(features)[None])[0]:
+        reasons = ["inverted_image"]  # a negative film, near the X-rays in distance: the model saw positives only
     return Screening(tuple(reasons), distance)
 
 
@@ -107,6 +110,17 @@ class FeatureGate:
     mean: np.ndarray  # (C,)
     precision: np.ndarray  # (C, C)
     threshold: float
+    # A linear "is this film inverted?" detector on the same features (weights C, bias), fitted on
+    # training X-rays and their negatives: a negative film lies close to the X-rays in distance,
+    # but on the far side of this plane. None for gates fitted before it existed.
+    polarity: np.ndarray | None = None
+    polarity_bias: float = 0.0
+
+    def inverted(self, features: np.ndarray) -> np.ndarray:
+        """For each row of ``features``: does it look like an inverted (negative) X-ray?"""
+        if self.polarity is None:
+            return np.zeros(len(features), dtype=bool)
+        return np.einsum("nc,c->n", np.asarray(features, dtype=np.float64), self.polarity) + self.polarity_bias > 0
 
     def distances(self, features: np.ndarray) -> np.ndarray:
         """Mahalanobis distance of each row of ``features`` (N x C)."""
@@ -117,25 +131,50 @@ class FeatureGate:
         return np.sqrt(np.maximum(np.einsum("nc,nc->n", projected, centred), 0.0))
 
     @classmethod
-    def fit(cls, train_features: np.ndarray, val_features: np.ndarray, *, quantile: float = 0.995) -> "FeatureGate":
-        """Ledoit-Wolf covariance of the training features; threshold at a validation quantile."""
+    def fit(cls, train_features: np.ndarray, val_features: np.ndarray, *, quantile: float = 0.995,
+            inverted_features: np.ndarray | None = None) -> "FeatureGate":
+        """Ledoit-Wolf covariance of the training features; threshold at a validation quantile; with
+        ``inverted_features`` (of inverted training X-rays) also the polarity detector."""
         from sklearn.covariance import LedoitWolf
 
-        estimate = LedoitWolf().fit(np.asarray(train_features, dtype=np.float64))
+        train = np.asarray(train_features, dtype=np.float64)
+        estimate = LedoitWolf().fit(train)
         gate = cls(estimate.location_, estimate.precision_, threshold=math.inf)
         threshold = float(np.quantile(gate.distances(val_features), quantile))
-        return cls(estimate.location_, estimate.precision_, threshold=threshold)
+        polarity, bias = (None, 0.0) if inverted_features is None else _fit_polarity(train, inverted_features)
+        return cls(estimate.location_, estimate.precision_, threshold=threshold, polarity=polarity,
+                   polarity_bias=bias)
 
     def save(self, path: Path) -> None:
         from safetensors.numpy import save_file
 
-        save_file({"mean": self.mean.astype(np.float32), "precision": self.precision.astype(np.float32),
-                   "threshold": np.array([self.threshold], dtype=np.float64)}, str(path))
+        tensors = {"mean": self.mean.astype(np.float32), "precision": self.precision.astype(np.float32),
+                   "threshold": np.array([self.threshold], dtype=np.float64)}
+        if self.polarity is not None:
+            tensors["polarity"] = self.polarity.astype(np.float64)
+            tensors["polarity_bias"] = np.array([self.polarity_bias], dtype=np.float64)
+        save_file(tensors, str(path))
 
     @classmethod
     def load(cls, path: Path) -> "FeatureGate":
         from safetensors.numpy import load_file
 
         tensors = load_file(str(path))
+        polarity = tensors.get("polarity")
         return cls(tensors["mean"].astype(np.float64), tensors["precision"].astype(np.float64),
-                   float(tensors["threshold"][0]))
+                   float(tensors["threshold"][0]), polarity=polarity,
+                   polarity_bias=float(tensors["polarity_bias"][0]) if polarity is not None else 0.0)
+
+
+def _fit_polarity(upright: np.ndarray, inverted: np.ndarray) -> tuple[np.ndarray, float]:
+    """A standardised logistic regression, upright (0) against inverted (1), folded back into
+    one weight vector and bias on the raw features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    x = np.concatenate([upright, np.asarray(inverted, dtype=np.float64)])
+    y = np.concatenate([np.zeros(len(upright)), np.ones(len(inverted))])
+    scaler = StandardScaler().fit(x)
+    model = LogisticRegression(C=0.1, class_weight="balanced", max_iter=5000).fit(scaler.transform(x), y)
+    weights = model.coef_[0] / scaler.scale_
+    return weights, float(model.intercept_[0] - np.dot(weights, scaler.mean_))

@@ -18,13 +18,14 @@ from pneumoscan.errors import ConfigError
 HEADS: tuple[str, ...] = ("seed", "pool")
 
 
-def normalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def normalize(batch: torch.Tensor, mean: Sequence[float] | torch.Tensor,
+              std: Sequence[float] | torch.Tensor) -> torch.Tensor:
     """uint8 ``(..., 1, H, W)`` -> float ``(..., 3, H, W)`` in the backbone's normalisation."""
     x = batch.float() / 255.0
     x = x.expand(*([-1] * (x.ndim - 3)), 3, -1, -1)  # -1 keeps a size: the batch stays dynamic in ONNX
-    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    return (x - mean_t) / std_t
+    mean_t = mean if isinstance(mean, torch.Tensor) else torch.tensor(mean, dtype=x.dtype, device=x.device)
+    std_t = std if isinstance(std, torch.Tensor) else torch.tensor(std, dtype=x.dtype, device=x.device)
+    return (x - mean_t.view(3, 1, 1)) / std_t.view(3, 1, 1)
 
 
 class Classifier(nn.Module):
@@ -120,18 +121,22 @@ class PixelNetwork(nn.Module):
         self.extractor = extractor
         self.extractor_mean = tuple(float(m) for m in (extractor_mean or mean))
         self.extractor_std = tuple(float(s) for s in (extractor_std or std))
+        # As buffers, so that the ONNX trace records them as constants without a warning.
+        for name, value in (("mean_t", self.mean), ("std_t", self.std),
+                            ("extractor_mean_t", self.extractor_mean), ("extractor_std_t", self.extractor_std)):
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float32), persistent=False)
 
     def gate_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """The extractor's pooled features alone (fitting a gate needs no log-odds)."""
         assert self.extractor is not None, "no gate extractor"
-        return pooled(self.extractor.forward_features(normalize(pixels, self.extractor_mean, self.extractor_std)))
+        return pooled(self.extractor.forward_features(normalize(pixels, self.extractor_mean_t, self.extractor_std_t)))
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = normalize(pixels, self.mean, self.std)
+        x = normalize(pixels, self.mean_t, self.std_t)
         if self.extractor is not None:
             logits = self.net(x)
             same = (self.extractor_mean, self.extractor_std) == (self.mean, self.std)
-            x_gate = x if same else normalize(pixels, self.extractor_mean, self.extractor_std)
+            x_gate = x if same else normalize(pixels, self.extractor_mean_t, self.extractor_std_t)
             features = pooled(self.extractor.forward_features(x_gate))
         elif isinstance(self.net, Ensemble):
             logits = self.net(x)
