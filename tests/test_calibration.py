@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pneumoscan.calibration import (
+    THRESHOLD_SOURCE,
     calibrate_on_validation,
     fit_temperature,
     operating_thresholds,
@@ -61,7 +62,7 @@ def test_calibration_yields_the_bundles_decision() -> None:
     log_odds = (2 * y - 1) * 3.0 + rng.normal(0, 2.0, 400)
     result = calibrate_on_validation(y, log_odds)
     decision = result.decision
-    assert decision.threshold_source == "validation_youden"
+    assert decision.threshold_source == THRESHOLD_SOURCE
     assert decision.calibration == "temperature_scaling_on_validation"
     assert decision.threshold == decision.operating_points["balanced"]
     # the Decision's probability is the calibrated one the operating points were chosen on

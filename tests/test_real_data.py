@@ -15,7 +15,7 @@ from pneumoscan.models import default_bundle_path, load_bundle
 def test_bundled_default_model_loads() -> None:
     model, spec = load_bundle(default_bundle_path())
     assert spec.backbone == "efficientnet_lite0" and spec.input_size == 224
-    assert spec.decision.threshold_source == "validation_youden"
+    assert spec.decision.threshold_source.startswith("validation_")  # chosen on validation, not a site
     assert spec.val_metrics["n"] > 400  # chosen on a real validation split
     assert (default_bundle_path() / "split.csv").is_file()
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TEST_INPUT, make_xray
+from pneumoscan.calibration import THRESHOLD_SOURCE
 from pneumoscan.errors import ConfigError
 from pneumoscan.models import load_bundle
 from pneumoscan.training import TrainConfig, train
@@ -21,7 +22,7 @@ from pneumoscan.training import TrainConfig, train
 def test_training_run_writes_a_complete_bundle(trained_run: Path, xray_root: Path) -> None:
     model, spec = load_bundle(trained_run / "bundle")
     assert spec.backbone == "efficientnet_lite0" and spec.input_size == TEST_INPUT
-    assert spec.decision.threshold_source == "validation_youden" and 0.0 <= spec.decision.threshold <= 1.0
+    assert spec.decision.threshold_source == THRESHOLD_SOURCE and 0.0 <= spec.decision.threshold <= 1.0
     assert spec.val_metrics["n"] > 0 and "roc_auc" in spec.val_metrics
     assert spec.provenance.training["epochs"] == 2 and spec.provenance.training["fit_seconds"] > 0
     assert spec.provenance.versions["torch"] and spec.weights_dtype == "float16"

@@ -98,7 +98,7 @@ def decode_dicom(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXE
         raise InvalidImageError(f"{name}: the DICOM file has no pixel data", code="dicom_no_pixels")
     try:
         rows, columns = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
-    except (TypeError, ValueError):
+    except Exception:  # pydicom raises many types on a malformed element (NotImplementedError for a bad VR)
         raise InvalidImageError(f"{name}: the DICOM image size (Rows, Columns) is invalid") from None
     if rows * columns > max_pixels:
         raise InvalidImageError(f"{name}: {columns}x{rows} pixels is more than the limit of {max_pixels}",
