@@ -204,3 +204,18 @@ def test_evaluate_reports_site_calibrated_figures(tiny_bundle: Path, xray_root: 
     bad = runner.invoke(app, ["evaluate", "--data", str(xray_root), "--split", "test", "--model",
                               str(tiny_bundle), "--out", str(tmp_path / "r2"), "--site-folds", "7"])
     assert isinstance(bad.exception, ConfigError) and "--site-folds must be between 2 and" in str(bad.exception)
+
+
+def test_recorded_site_calibrated_figures_reach_the_model_card(tiny_bundle: Path, xray_root: Path,
+                                                              tmp_path: Path) -> None:
+    from pneumoscan.web import create_app
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    result = runner.invoke(app, ["evaluate", "--data", str(xray_root), "--split", "test", "--model", str(bundle),
+                                 "--out", str(tmp_path / "r"), "--bootstrap", "100", "--site-folds", "2", "--record"])
+    assert result.exit_code == 0, result.output
+    recorded = read_spec(bundle).reported_metrics["test"]["site_calibrated"]
+    assert recorded["folds"] == 2 and recorded["n"] == 12
+    page = create_app({"TESTING": True, "MODEL_DIR": str(bundle)}).test_client().get("/model").get_data(as_text=True)
+    assert "site-calibrated (2-fold cross-fitted)" in page

@@ -96,7 +96,8 @@ def record_evaluation(bundle_dir: Path | None, metrics: dict[str, Any]) -> None:
     spec = read_spec(bundle_dir)
     if metrics["model"]["weights_sha256"] != spec.weights_sha256:
         raise BundleError(f"these metrics belong to other weights than those in {bundle_dir}")
-    keep = ("n", "n_by_class", "n_unreadable", "operating_point", "tta", "ci", "calibration", "input_gate")
+    keep = ("n", "n_by_class", "n_unreadable", "operating_point", "tta", "ci", "calibration", "input_gate",
+            "site_calibrated")
     entry = {key: metrics[key] for key in keep if key in metrics}
     entry["operating_points"] = metrics["operating_points"]
     entry["dataset"] = Path(str(metrics["data"])).name
