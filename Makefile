@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test bench-quality clean
+.PHONY: install serve test bench-quality clean reproduce-model
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Rebuild the bundled model from scratch (3 members x ~15-30 min, gate ~10-20 min on 2 cores).
+reproduce-model: $(STAMP)
+	scripts/reproduce_default_model.sh $(DATA) $(or $(OUT),runs/reproduce)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -112,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     engines = [
         ("seed-equivalent ResNet50 + seed head, PyTorch", seed_end_to_end, lambda: seed_network(seed_pixels),
          network_gflop(seed_net, 224), args.seed_repeats),
-        (f"{spec.backbone} bundle, PyTorch eager", bundle_end_to_end(eager), lambda: eager.forward(pixels),
+        (f"{spec.backbone}{f' x{spec.members}' if spec.members > 1 else ''} bundle, PyTorch eager", bundle_end_to_end(eager), lambda: eager.forward(pixels),
          network_gflop(eager.model, size), args.repeats),
-        (f"{spec.backbone} bundle, ONNX Runtime", bundle_end_to_end(onnx), lambda: onnx.forward(pixels),
+        (f"{spec.backbone}{f' x{spec.members}' if spec.members > 1 else ''} bundle, ONNX Runtime", bundle_end_to_end(onnx), lambda: onnx.forward(pixels),
          network_gflop(eager.model, size), args.repeats),
     ]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; float32 matmul (2048^2): {peak:.1f} GFLOP/s")

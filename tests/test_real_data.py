@@ -47,6 +47,10 @@ def test_bundled_model_on_the_real_test_split(tmp_path: Path) -> None:
     assert metrics["n"] == 624 and metrics["n_unreadable"] == 0
     assert metrics["roc_auc"]["value"] > 0.9
     assert metrics["accuracy"]["value"] > 0.8
+    # the point figures the bundle (and MODEL_CARD.md) record, to the digit
+    recorded = load_bundle(default_bundle_path())[1].reported_metrics["test"]["operating_points"]["balanced"]
+    for name in ("accuracy", "roc_auc", "f1_weighted", "sensitivity", "specificity"):
+        assert metrics[name]["value"] == recorded[name]["value"], name
     # the bundle's own validation split never includes a test image
     rows = csv.DictReader((default_bundle_path() / "split.csv").open())
     assert not any(r["path"].startswith("test/") for r in rows)
