@@ -115,3 +115,22 @@ def test_bundle_without_calibration_loads_uncalibrated(model: torch.nn.Module, t
     assert predictor.decision.calibration == "none" and predictor.decision.temperature == 1.0
     assert predictor.decision.threshold_for() == (0.5, "balanced")
     assert predictor.spec.gate is None and predictor.spec.onnx is None
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda raw: raw.update(class_names=["PNEUMONIA", "NORMAL"]), "class_names must be"),
+    (lambda raw: raw["decision"].update(temperature=0), "temperature must be a positive number"),
+    (lambda raw: raw["decision"].update(temperature="warm"), "temperature must be a positive number"),
+    (lambda raw: raw["decision"].update(threshold="abc"), "threshold must be a number between 0 and 1"),
+    (lambda raw: raw["decision"].update(operating_points={"balanced": 1.7}), "operating point 'balanced'"),
+    (lambda raw: raw["decision"].update(operating_points={"x": 0.3}), "default operating point 'balanced'"),
+])
+def test_values_a_network_cannot_be_served_with_are_refused(model: torch.nn.Module, tmp_path: Path,
+                                                           edit, message: str) -> None:
+    save_bundle(model, _spec(), tmp_path / "b")
+    path = tmp_path / "b" / SPEC_FILE
+    raw = json.loads(path.read_text())
+    edit(raw)
+    path.write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(tmp_path / "b")

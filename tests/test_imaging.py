@@ -83,3 +83,27 @@ def test_preprocessing_reads_files_as_serving_decodes_bytes(tmp_path) -> None:
     assert np.array_equal(preprocessing.pixels(make_xray(9)), square_resize(make_xray(9), 64, equalize=True))
     # a colour image is turned grey on the way in, not refused here (that is the gate's job)
     assert preprocessing.pixels(make_xray(9).convert("RGB")).shape == (1, 64, 64)
+
+
+def test_exif_orientation_is_applied_when_decoding() -> None:
+    """A film stored sideways with EXIF Orientation 8 decodes upright (not mirrored, not upside down)."""
+    upright = Image.fromarray(np.tile(np.linspace(0, 200, 96, dtype=np.uint8), (64, 1)))  # dark left, bright right
+    upright.paste(255, (4, 4, 20, 20))  # a mark in the top-left corner
+    stored = upright.transpose(Image.Transpose.ROTATE_270)  # orientation 8 means: rotate 90° to view
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    import io
+
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", quality=95, exif=exif)
+    decoded = decode_image(buffer.getvalue())
+    assert decoded.size == upright.size
+    assert np.abs(np.asarray(decoded, float) - np.asarray(upright, float)).mean() < 3.0
+    assert decode_image(image_bytes(stored, "JPEG")).size == stored.size  # without EXIF: as stored
+
+
+def test_semi_transparent_png_is_composited_on_white() -> None:
+    rgba = Image.new("RGBA", (80, 80), (0, 0, 0, 0))  # fully transparent
+    half = Image.new("RGBA", (80, 80), (100, 100, 100, 128))
+    assert np.asarray(decode_image(image_bytes(rgba))).min() == 255
+    assert 170 < np.asarray(decode_image(image_bytes(half))).mean() < 185  # 100 over white at alpha 0.5

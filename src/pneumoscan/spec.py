@@ -178,7 +178,9 @@ class BundleSpec:
         for key in ("mean", "std", "class_names"):
             if key in values:
                 values[key] = tuple(values[key])
-        return cls(**values)
+        spec = cls(**values)
+        _validate(spec, source)
+        return spec
 
     def replace(self, **changes: Any) -> "BundleSpec":
         """A copy with some fields changed."""
@@ -198,6 +200,41 @@ def _known(cls: type, raw: Mapping[str, Any], source: str) -> dict[str, Any]:
     if missing:
         raise BundleError(f"{source} lacks the field(s): {', '.join(missing)}")
     return values
+
+
+CLASS_NAMES = ("NORMAL", "PNEUMONIA")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _validate(spec: "BundleSpec", source: str) -> None:
+    """Values a network cannot be served with, refused in one line each.
+
+    Raises:
+        BundleError: swapped or unknown class names, a temperature that is not a positive number,
+            thresholds outside [0, 1], or a default operating point the bundle does not have.
+    """
+    decision = spec.decision
+    problems = []
+    if tuple(spec.class_names) != CLASS_NAMES:
+        problems.append(f"class_names must be {list(CLASS_NAMES)} in that order, got {list(spec.class_names)}")
+    if not (_number(decision.temperature) and decision.temperature > 0):
+        problems.append(f"the temperature must be a positive number, got {decision.temperature!r}")
+    thresholds = {"threshold": decision.threshold, **{f"operating point {k!r}": v
+                                                      for k, v in dict(decision.operating_points).items()}}
+    problems += [f"{name} must be a number between 0 and 1, got {value!r}"
+                 for name, value in thresholds.items() if not (_number(value) and 0 <= value <= 1)]
+    if decision.operating_points and decision.default_operating_point not in decision.operating_points:
+        problems.append(f"the default operating point {decision.default_operating_point!r} is not one of "
+                        f"{list(decision.operating_points)}")
+    if not (isinstance(spec.members, int) and spec.members >= 1):
+        problems.append(f"members must be a whole number >= 1, got {spec.members!r}")
+    if spec.gate is not None and not (_number(spec.gate.threshold) and spec.gate.threshold > 0):
+        problems.append(f"the gate threshold must be a positive number, got {spec.gate.threshold!r}")
+    if problems:
+        raise BundleError(f"{source}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
 
 
 def _part(cls: type, raw: Any, source: str) -> Any:

@@ -47,10 +47,10 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def openapi_spec(*, operating_points: list[str], max_files: int, max_bytes: int) -> dict[str, Any]:
     """The spec for one app: its model's operating points and its configured limits."""
     errors = {
-        "400": _json(_ERROR, "Malformed request (e.g. no file field)."),
+        "400": _json(_ERROR, "Malformed request (e.g. no file field) or a bad option (threshold, operating point)."),
         "413": _json(_ERROR, f"Upload over {max_bytes} bytes, more than {max_files} files, or too many pixels."),
         "415": _json(_ERROR, "No file is a JPEG, PNG or DICOM image."),
-        "422": _json(_ERROR, "Every file is corrupt, or the options are invalid."),
+        "422": _json(_ERROR, "Every file is corrupt."),
     }
     return {
         "openapi": "3.0.3",

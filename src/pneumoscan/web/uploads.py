@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 from typing import Any
 
 from flask import current_app, g, request
@@ -29,13 +30,18 @@ def predictor() -> Predictor:
 
 
 def _float_or_none(value: str | None) -> float | None:
+    """The ``threshold`` field: absent, or a number in [0, 1]. Every bad value is one 400 error,
+    whether it is not a number ("half") or not a usable one ("nan", "1e309", "-0.1")."""
     if value in (None, ""):
         return None
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
+        number = math.nan
+    if not 0.0 <= number <= 1.0:  # also false for nan
         raise UploadError(f"threshold must be a number between 0 and 1, got {value[:40]!r}",
-                          code="invalid_threshold", http_status=422) from None
+                          code="invalid_threshold", http_status=400)
+    return number
 
 
 def _safe_name(filename: str | None) -> str:
