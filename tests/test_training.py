@@ -287,6 +287,38 @@ def test_sigkill_mid_epoch_then_resume_loses_at_most_one_epoch(tmp_path: Path) -
     assert not list((out / "checkpoints").glob(".*.partial"))
 
 
+@pytest.mark.parametrize(("signum", "status"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_sigterm_or_sigint_saves_a_checkpoint_and_exits_non_zero(tmp_path: Path, signum: str, status: int) -> None:
+    """A scheduler's SIGTERM (or Ctrl+C) mid-run: a resumable checkpoint, an honest exit status,
+    no bundle; --resume then completes the run."""
+    import signal
+    import time
+
+    from conftest import write_kaggle_layout
+
+    data = write_kaggle_layout(tmp_path / "data", per_class={"train": 30, "val": 2, "test": 2})
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pneumoscan", "train", "--data", str(data), "--out", str(out), "--weights", "none",
+           "--input-size", str(TEST_INPUT), "--epochs", "2", "--frozen-epochs", "0", "--batch-size", "2",
+           "--val-fraction", "0.25", "--patience", "10", "--accelerator", "cpu", "--devices", "1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while not list((out / "logs").glob("version_*/hparams.yaml")):  # training has started
+        assert run.poll() is None, run.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, "training did not start in 300 s"
+        time.sleep(0.05)
+    time.sleep(1.0)
+    run.send_signal(getattr(signal, signum))
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == status, stderr[-2000:]
+    assert f"training stopped by {signum}" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    assert (out / "checkpoints" / "last.ckpt").is_file() and not (out / "bundle").exists()
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (out / "bundle" / "model.json").is_file()
+
+
 def test_validation_loss_is_weighted_for_the_class_balance_trained_for() -> None:
     import torch
     import torch.nn.functional as F

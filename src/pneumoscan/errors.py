@@ -5,7 +5,8 @@
     ├── InvalidImageError      a file that is not an image pneumoscan can read (http_status 415 or 422)
     ├── BundleError            missing, corrupt or tampered model bundle
     ├── WeightsUnavailableError pretrained weights that cannot be found offline
-    └── ConfigError            a bad option value or backbone name
+    ├── ConfigError            a bad option value or backbone name
+    └── TrainingInterrupted    SIGTERM or SIGINT stopped training; a resumable checkpoint was saved
 """
 
 from __future__ import annotations
@@ -52,3 +53,16 @@ class ConfigError(PneumoscanError):
     """An option value that makes no sense (unknown backbone, bad fraction, ...)."""
 
     code = "config_error"
+
+
+class TrainingInterrupted(PneumoscanError):
+    """SIGTERM or SIGINT stopped a training run after saving a checkpoint it can resume from.
+
+    ``exit_code`` is what a scheduler should see: 143 (128 + SIGTERM) or 130 (128 + SIGINT).
+    """
+
+    code = "training_interrupted"
+
+    def __init__(self, message: str, *, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
+import signal
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,10 +16,11 @@ import torch
 from lightning.pytorch.callbacks import (EarlyStopping, EMAWeightAveraging, LearningRateMonitor,
                                          ModelCheckpoint)
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from pneumoscan.calibration import calibrate_on_validation
 from pneumoscan.data import CLASS_NAMES, class_counts
-from pneumoscan.errors import ConfigError
+from pneumoscan.errors import ConfigError, TrainingInterrupted
 from pneumoscan.models import BundleSpec, PixelNetwork, backbone_info, create_classifier, save_bundle
 from pneumoscan.plots import pyplot, training_curves_figure
 from pneumoscan.spec import Provenance
@@ -95,12 +99,38 @@ def train(config: TrainConfig) -> Path | None:
         deterministic=False, log_every_n_steps=10, limit_train_batches=config.train_batches,
         enable_model_summary=False, plugins=[AtomicCheckpointIO()])
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last_ckpt) if config.resume else None)
+    with _interruptible(trainer, last_ckpt):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last_ckpt) if config.resume else None)
     fit_seconds = time.perf_counter() - started
     if not trainer.is_global_zero:
         return None
     return export_bundle(config, datamodule, module, best.best_model_path or str(last_ckpt),
                          fit_seconds=fit_seconds)
+
+
+class _SigintReceived(BaseException):
+    """SIGINT during fit. Not a KeyboardInterrupt, which Lightning turns into exit status 1."""
+
+
+@contextlib.contextmanager
+def _interruptible(trainer: pl.Trainer, last_ckpt: Path):
+    """SIGTERM (Lightning stops after the current batch) or SIGINT: save a resumable checkpoint
+    at ``last_ckpt``, then raise TrainingInterrupted with the exit status a scheduler expects."""
+    def on_sigint(signum, frame):
+        raise _SigintReceived()
+
+    previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    except (SIGTERMException, _SigintReceived) as exc:
+        sigterm = isinstance(exc, SIGTERMException)
+        trainer.save_checkpoint(str(last_ckpt))  # mid-epoch is fine: the loops' progress is in it
+        raise TrainingInterrupted(
+            f"training stopped by {'SIGTERM' if sigterm else 'SIGINT'}; a resumable checkpoint is at {last_ckpt} "
+            "(run the same command with --resume)", exit_code=143 if sigterm else 130) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def export_bundle(config: TrainConfig, datamodule: ChestXrayDataModule, module: PneumoniaClassifier,
