@@ -103,6 +103,21 @@ def test_evaluate_cli(tiny_bundle: Path, xray_root: Path, tmp_path: Path) -> Non
     assert json.loads((tmp_path / "metrics.json").read_text())["n"] == 12
 
 
+def test_evaluate_lists_unreadable_files_on_stderr(tiny_bundle: Path, xray_root: Path, tmp_path: Path) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(xray_root / "test", data / "test")
+    (data / "test" / "NORMAL" / "IM-9000-0001.jpeg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    result = run_cli("evaluate", "--data", str(data), "--split", "test", "--model", str(tiny_bundle),
+                     "--out", str(tmp_path / "r"), "--bootstrap", "100")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "IM-9000-0001.jpeg" in result.stderr and "1 file(s) could not be read" in result.stderr
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["n"] == 12 and metrics["n_unreadable"] == 1
+    assert metrics["unreadable"][0]["path"].endswith("IM-9000-0001.jpeg")
+
+
 @pytest.mark.parametrize("args,message", [
     (["evaluate", "--data", "/nonexistent/chest_xray"], "dataset folder /nonexistent/chest_xray does not exist"),
     (["train", "--data", "/nonexistent", "--out", "/tmp/x", "--backbone", "nope"], "unknown backbone 'nope'"),

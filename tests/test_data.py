@@ -5,12 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
-from conftest import image_bytes, make_xray, write_kaggle_layout
+from conftest import write_kaggle_layout
 from pneumoscan.data import (
     XrayDataset,
     carve_validation,

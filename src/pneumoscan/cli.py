@@ -80,8 +80,10 @@ def evaluate(
                f"of {metrics['n']}" + (f": {', '.join(f'{k} {v}' for k, v in gate['reasons'].items())}"
                                        if gate["reasons"] else ""))
     if metrics["n_unreadable"]:
-        typer.echo(f"warning: {metrics['n_unreadable']} file(s) could not be read and are left out "
-                   f"(listed in {out}/report.md)", err=True)
+        for failure in metrics["unreadable"]:
+            typer.echo(f"error: {failure['error']}", err=True)
+        typer.echo(f"warning: {metrics['n_unreadable']} file(s) could not be read and are left out of "
+                   f"the figures (also listed in {out}/report.md)", err=True)
     typer.echo(f"report written to {out}/report.md")
     if record:
         record_evaluation(model, metrics)

@@ -73,6 +73,7 @@ def evaluate_folder(model_dir: Path | None, data_root: Path, split: str, out_dir
         "n": int(len(y_true)),
         "n_by_class": {name: int((y_true == i).sum()) for i, name in enumerate(CLASS_NAMES)},
         "n_unreadable": len(failed),
+        "unreadable": [{"path": o.name, "error": o.error} for o in failed],
         "threshold_source": spec.decision.threshold_source,
         "operating_points": {name: _estimates(y_true, y_score, t, n_boot=n_boot, seed=seed)
                              for name, t in predictor.operating_points.items()},
@@ -116,7 +117,7 @@ def evaluate_folder(model_dir: Path | None, data_root: Path, split: str, out_dir
             ("reliability.png", reliability_figure(y_true, y_raw, y_score, title=title))):
         fig.savefig(out_dir / name)
         plt.close(fig)
-    (out_dir / "report.md").write_text(render_report(metrics, failed=[o.path for o in failed]))
+    (out_dir / "report.md").write_text(render_report(metrics, failed=[o.name for o in failed]))
     return metrics
 
 
