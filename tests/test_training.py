@@ -247,6 +247,18 @@ def test_checkpoints_are_written_atomically(tmp_path: Path) -> None:
     assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]  # no partial file left
 
 
+def _train_command(tmp_path: Path, *, epochs: int) -> tuple[Path, list[str], dict[str, str]]:
+    """A real ``pneumoscan train`` subprocess on 30 images a class: (run folder, command, env)."""
+    from conftest import write_kaggle_layout
+
+    data = write_kaggle_layout(tmp_path / "data", per_class={"train": 30, "val": 2, "test": 2})
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pneumoscan", "train", "--data", str(data), "--out", str(out), "--weights", "none",
+           "--input-size", str(TEST_INPUT), "--epochs", str(epochs), "--frozen-epochs", "0", "--batch-size", "2",
+           "--val-fraction", "0.25", "--patience", "10", "--accelerator", "cpu", "--devices", "1"]
+    return out, cmd, {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_loses_at_most_one_epoch(tmp_path: Path) -> None:
     """A run killed with SIGKILL in the middle of an epoch resumes from last.ckpt and completes."""
@@ -255,14 +267,7 @@ def test_sigkill_mid_epoch_then_resume_loses_at_most_one_epoch(tmp_path: Path) -
 
     import torch
 
-    from conftest import write_kaggle_layout
-
-    data = write_kaggle_layout(tmp_path / "data", per_class={"train": 30, "val": 2, "test": 2})
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pneumoscan", "train", "--data", str(data), "--out", str(out), "--weights", "none",
-           "--input-size", str(TEST_INPUT), "--epochs", "3", "--frozen-epochs", "0", "--batch-size", "2",
-           "--val-fraction", "0.25", "--patience", "10", "--accelerator", "cpu", "--devices", "1"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    out, cmd, env = _train_command(tmp_path, epochs=3)
     run = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     last = out / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 300
@@ -294,14 +299,7 @@ def test_sigterm_or_sigint_saves_a_checkpoint_and_exits_non_zero(tmp_path: Path,
     import signal
     import time
 
-    from conftest import write_kaggle_layout
-
-    data = write_kaggle_layout(tmp_path / "data", per_class={"train": 30, "val": 2, "test": 2})
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pneumoscan", "train", "--data", str(data), "--out", str(out), "--weights", "none",
-           "--input-size", str(TEST_INPUT), "--epochs", "2", "--frozen-epochs", "0", "--batch-size", "2",
-           "--val-fraction", "0.25", "--patience", "10", "--accelerator", "cpu", "--devices", "1"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    out, cmd, env = _train_command(tmp_path, epochs=2)
     run = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 300
     while not list((out / "logs").glob("version_*/hparams.yaml")):  # training has started

@@ -64,12 +64,7 @@ def recalibrate_bundle(bundle_dir: Path | None, out_dir: Path, *, data_root: Pat
     if source is not None and min(counts.values()) < MIN_SITE_IMAGES_PER_CLASS:
         raise DatasetError(f"{source} has {', '.join(f'{v} {k}' for k, v in counts.items())} images; a site "
                            f"calibration needs at least {MIN_SITE_IMAGES_PER_CLASS} of each class")
-    outcomes = predictor.predict_paths([s.path for s in samples], gate=False)
-    bad = [o for o in outcomes if o.status == "error"]
-    if bad:
-        listed = "; ".join(o.error or o.name for o in bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
-        raise DatasetError(f"{len(bad)} image(s) could not be read: {listed}")
-    calibration = calibrate_on_validation([s.label for s in samples], [o.log_odds for o in outcomes])
+    calibration = calibrate_on_validation([s.label for s in samples], _log_odds(predictor, samples))
     decision = calibration.decision
     spec = predictor.spec
     if source is not None:
@@ -83,6 +78,20 @@ def recalibrate_bundle(bundle_dir: Path | None, out_dir: Path, *, data_root: Pat
         new_spec = spec.replace(decision=decision, val_metrics={**spec.val_metrics, **calibration.validation_metrics()})
     rewrite_bundle(bundle_dir, new_spec, out_dir)
     return {**calibration.report, "site": dict(decision.site)}
+
+
+def _log_odds(predictor: Predictor, samples: list, *, batch_size: int = 32) -> list[float]:
+    """Every sample's uncalibrated log-odds (ungated), for fitting a calibration.
+
+    Raises:
+        DatasetError: images that could not be read (the first ten listed).
+    """
+    outcomes = predictor.predict_paths([s.path for s in samples], batch_size=batch_size, gate=False)
+    bad = [o for o in outcomes if o.status == "error"]
+    if bad:
+        listed = "; ".join(o.error or o.name for o in bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise DatasetError(f"{len(bad)} image(s) could not be read: {listed}")
+    return [o.log_odds for o in outcomes]
 
 
 def record_evaluation(bundle_dir: Path | None, metrics: dict[str, Any]) -> None:
@@ -233,10 +242,9 @@ def build_ensemble(member_dirs: list[Path], data_root: Path, out_dir: Path, *, b
             architecture, or that were trained on different splits.
         BundleError: a member cannot be loaded or has no split.csv.
     """
-    import torch
-
     from pneumoscan.data import CLASS_NAMES, SPLIT_FILE, class_counts
-    from pneumoscan.models import Ensemble, PixelNetwork, load_bundle, save_bundle
+    from pneumoscan.models import Ensemble, load_bundle, save_bundle
+    from pneumoscan.runtime import TorchRunner
     from pneumoscan.spec import Provenance
 
     if len(member_dirs) < 2:
@@ -256,14 +264,9 @@ def build_ensemble(member_dirs: list[Path], data_root: Path, out_dir: Path, *, b
         members.extend(model.members if isinstance(model, Ensemble) else [model])
     ensemble = Ensemble(members).eval()
     ensemble.half().float()  # calibrate exactly the weights the bundle will hold
-    network = PixelNetwork(ensemble, first.mean, first.std).eval()
     samples = read_split(member_dirs[0], data_root)
-    log_odds = []
-    with torch.inference_mode():
-        for start in range(0, len(samples), batch_size):
-            pixels = np.stack([first.preprocessing.read(s.path) for s in samples[start:start + batch_size]])
-            log_odds.extend(network(torch.from_numpy(pixels))[0].tolist())
-    calibration = calibrate_on_validation([s.label for s in samples], log_odds)
+    joined = Predictor(ensemble, first, TorchRunner.for_bundle(ensemble, first.replace(gate=None)))
+    calibration = calibrate_on_validation([s.label for s in samples], _log_odds(joined, samples, batch_size=batch_size))
     spec = first.replace(
         name=f"{first.backbone}-x{len(members)}-res{first.input_size}-chest_xray-{datetime.now(timezone.utc):%Y%m%d}",
         decision=calibration.decision, gate=None, onnx=None, reported_metrics={},

@@ -20,7 +20,7 @@ from PIL import Image
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.gate import FeatureGate, screen
 from pneumoscan.imaging import Preprocessing
-from pneumoscan.models import Classifier, Ensemble, default_bundle_path, load_bundle, load_gate_extractor
+from pneumoscan.models import Classifier, Ensemble, default_bundle_path, load_bundle
 from pneumoscan.runtime import Runner, open_runner
 from pneumoscan.spec import BundleSpec, Decision
 
@@ -89,8 +89,7 @@ class Predictor:
         directory = default_bundle_path() if path is None else Path(path)
         model, spec = load_bundle(directory, check_onnx=False)  # open_runner checks the ONNX file
         gate = FeatureGate.load(directory / spec.gate.file) if spec.gate is not None else None
-        runner = open_runner(directory, spec, model, backend=backend, allow_torch_fallback=allow_torch_fallback,
-                             extractor=load_gate_extractor(directory, spec))
+        runner = open_runner(directory, spec, model, backend=backend, allow_torch_fallback=allow_torch_fallback)
         return cls(model, spec, runner, gate=gate, tta=tta)
 
     @property

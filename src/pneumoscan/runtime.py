@@ -111,7 +111,7 @@ class TorchRunner:
 
 
 def open_runner(directory: Path, spec: BundleSpec, model: "Classifier | Ensemble", *, backend: str = "auto",
-                allow_torch_fallback: bool = False, extractor: "Classifier | None" = None) -> Runner:
+                allow_torch_fallback: bool = False) -> Runner:
     """The runner ``backend`` asks for: ``onnxruntime``, ``torch``, or ``auto`` (ONNX Runtime when
     the bundle has an exported graph and onnxruntime is installed, PyTorch otherwise).
 
@@ -125,18 +125,25 @@ def open_runner(directory: Path, spec: BundleSpec, model: "Classifier | Ensemble
     """
     if backend not in BACKENDS:
         raise ConfigError(f"unknown inference backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+
+    def torch_runner() -> TorchRunner:
+        # The gate's extractor is read only here: the ONNX graph already holds it.
+        from pneumoscan.models import load_gate_extractor
+
+        return TorchRunner.for_bundle(model, spec, extractor=load_gate_extractor(directory, spec))
+
     if backend == "torch":
-        return TorchRunner.for_bundle(model, spec, extractor=extractor)
+        return torch_runner()
     if spec.onnx is None:
         if backend == "onnxruntime":
             raise ConfigError(f"{directory} has no ONNX model; run 'pneumoscan export --model {directory}' first")
-        return TorchRunner.for_bundle(model, spec, extractor=extractor)
+        return torch_runner()
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         if backend == "onnxruntime":
             raise ConfigError("the onnxruntime backend needs the onnxruntime package (pip install onnxruntime)") from None
-        return TorchRunner.for_bundle(model, spec, extractor=extractor)
+        return torch_runner()
     from pneumoscan.models import verify_part
 
     try:
@@ -146,4 +153,4 @@ def open_runner(directory: Path, spec: BundleSpec, model: "Classifier | Ensemble
         if not allow_torch_fallback:
             raise
         log.warning("%s; running the network on PyTorch instead", exc)
-        return TorchRunner.for_bundle(model, spec, extractor=extractor)
+        return torch_runner()

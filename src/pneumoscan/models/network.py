@@ -116,14 +116,13 @@ class PixelNetwork(nn.Module):
                  extractor_std: Sequence[float] | None = None) -> None:
         super().__init__()
         self.net = net
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
         self.extractor = extractor
-        self.extractor_mean = tuple(float(m) for m in (extractor_mean or mean))
-        self.extractor_std = tuple(float(s) for s in (extractor_std or std))
+        extractor_mean, extractor_std = extractor_mean or mean, extractor_std or std
+        # The extractor reuses the classifier's normalised input when both normalise alike.
+        self.shared_input = (tuple(extractor_mean), tuple(extractor_std)) == (tuple(mean), tuple(std))
         # As buffers, so that the ONNX trace records them as constants without a warning.
-        for name, value in (("mean_t", self.mean), ("std_t", self.std),
-                            ("extractor_mean_t", self.extractor_mean), ("extractor_std_t", self.extractor_std)):
+        for name, value in (("mean_t", mean), ("std_t", std),
+                            ("extractor_mean_t", extractor_mean), ("extractor_std_t", extractor_std)):
             self.register_buffer(name, torch.tensor(value, dtype=torch.float32), persistent=False)
 
     def gate_features(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -135,8 +134,7 @@ class PixelNetwork(nn.Module):
         x = normalize(pixels, self.mean_t, self.std_t)
         if self.extractor is not None:
             logits = self.net(x)
-            same = (self.extractor_mean, self.extractor_std) == (self.mean, self.std)
-            x_gate = x if same else normalize(pixels, self.extractor_mean_t, self.extractor_std_t)
+            x_gate = x if self.shared_input else normalize(pixels, self.extractor_mean_t, self.extractor_std_t)
             features = pooled(self.extractor.forward_features(x_gate))
         elif isinstance(self.net, Ensemble):
             logits = self.net(x)
