@@ -7,10 +7,12 @@ valid image that may be predicted).
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import struct
 import zipfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -33,6 +35,38 @@ def _jpeg_claiming(width: int, height: int) -> bytes:
     at = data.index(b"\xff\xc0")
     data[at + 5:at + 9] = struct.pack(">HH", height, width)
     return bytes(data)
+
+
+def _bench_bombs():
+    """bench/bombs.py, the decoding bombs bench/soak.py sends too."""
+    spec = importlib.util.spec_from_file_location("bench_bombs", Path(__file__).parents[1] / "bench" / "bombs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _progressive_claiming(width: int, height: int) -> bytes:
+    """A real progressive JPEG whose SOF2 marker is patched to declare ``width x height``."""
+    data = bytearray(_encoded(make_xray(6), "JPEG", progressive=True))
+    at = data.index(b"\xff\xc2")
+    data[at + 5:at + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def _decoding_bombs() -> list[tuple[str, bytes, set[str]]]:
+    """Files under the 64-megapixel limit that cost seconds or gigabytes to decode before."""
+    bombs = _bench_bombs()
+    budget = {"decode_budget_exceeded"}
+    cases = [
+        ("png16-8000.png", bombs.png16(8000), budget),  # 140 kB -> 128 MB of 16-bit samples
+        ("progressive-3000-scans.jpg", bombs.progressive_jpeg(256, 3000), budget),
+        ("progressive-6000.jpg", _progressive_claiming(6000, 6000), budget),  # full-size coefficients
+    ]
+    try:
+        cases.append(("multiframe-jpegls-8000.dcm", bombs.multiframe_dicom(8000, 8), budget))
+    except RuntimeError:  # pyjpegls (the encoder, a test extra) is not installed
+        pass
+    return cases
 
 
 def _png_text_bomb() -> bytes:
@@ -135,4 +169,4 @@ def hostile_files() -> list[tuple[str, bytes, set[str]]]:
         ("blank.png", image_bytes(Image.new("L", (256, 256), 0)), {"rejected"}),
         ("photo.jpg", _encoded(Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)), "JPEG"), {"rejected"}),
     ]
-    return cases + _dicoms()
+    return cases + _dicoms() + _decoding_bombs()

@@ -218,3 +218,30 @@ def test_train_cli_builds_the_config_it_shows(monkeypatch, tmp_path: Path) -> No
     from pneumoscan.training.config import Augmentation
 
     assert seen[-1].augmentation == Augmentation.none() and seen[-1].lr == 1e-3
+
+
+def test_a_symlink_loop_in_the_data_folder_is_one_line(xray_root: Path, tmp_path: Path) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(xray_root, data)
+    normal = data / "train" / "NORMAL"
+    (normal / "loop-a.jpeg").symlink_to(normal / "loop-b.jpeg")
+    (normal / "loop-b.jpeg").symlink_to(normal / "loop-a.jpeg")
+    result = run_cli("train", "--data", str(data), "--out", str(tmp_path / "run"), "--weights", "none")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "loop-a.jpeg is not a readable file (a symbolic link that loops" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_seal_a_bundle_from_before_manifests(tiny_bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_bundle, old)
+    (old / "manifest.json").unlink()
+    refused = run_cli("predict", "--model", str(old), "README.md")
+    assert refused.returncode == 2 and f"pneumoscan seal --model {old}" in refused.stderr
+    sealed = run_cli("seal", "--model", str(old))
+    assert sealed.returncode == 0 and "digest" in sealed.stdout
+    assert run_cli("predict", "--model", str(old), str(tiny_bundle / "model.json")).returncode == 1  # not an image: a per-file error

@@ -168,3 +168,46 @@ def test_api_reports_a_lateral_dicom_as_rejected(client) -> None:
     result = response.get_json()["results"][0]
     assert result["status"] == "rejected" and result["reasons"] == ["lateral_view"]
     assert "Doe" not in response.get_data(as_text=True)
+
+
+def test_a_bad_character_set_value_never_reaches_a_log_or_warning(client, caplog: pytest.LogCaptureFixture,
+                                                                   recwarn: pytest.WarningsRecorder) -> None:
+    """pydicom warns "Unknown encoding 'VALUE'": a tag value, which must not be logged."""
+    import warnings
+
+    odd = make_dicom(_gradient(), extra={"SpecificCharacterSet": "Doe^Jane-PID-99871"})  # warns itself
+    caplog.clear()
+    recwarn.clear()
+    caplog.set_level(logging.DEBUG)
+    warnings.simplefilter("always")
+    response = client.post("/api/v1/predict", data={"file": [(io.BytesIO(odd), "odd.dcm")]},
+                           content_type="multipart/form-data")
+    assert response.status_code == 200 and response.get_json()["results"][0]["status"] == "ok"
+    shown = caplog.text + " ".join(str(w.message) for w in recwarn.list)
+    assert "Doe" not in shown and PATIENT_ID not in shown
+
+
+def test_only_the_first_frame_of_a_multi_frame_file_is_decoded() -> None:
+    """pydicom's pixel_array decodes every frame (8 frames of 8000 x 8000 cost +2.6 GB before)."""
+    import tracemalloc
+
+    pytest.importorskip("jpeg_ls")
+    from pneumoscan.imaging import MAX_DECODE_BYTES
+
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_bombs", Path(__file__).parents[1] / "bench" / "bombs.py")
+    bombs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bombs)
+    side, frames = 2000, 8  # 8 MB a frame
+    data = bombs.multiframe_dicom(side, frames)
+    tracemalloc.start()
+    image = decode_image(data, name="frames.dcm")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert image.size == (side, side)
+    assert peak < 3 * side * side * 2 < frames * side * side * 2  # one frame and its 8-bit copy, not eight
+    with pytest.raises(InvalidImageError, match="limit is 64 MB") as caught:
+        decode_image(bombs.multiframe_dicom(5700, 2), name="big.dcm")  # 65 MB a frame
+    assert caught.value.code == "decode_budget_exceeded" and 5700 * 5700 * 2 > MAX_DECODE_BYTES

@@ -81,9 +81,6 @@ def test_hostile_file_through_the_api(hostile_app, no_disk_writes, name: str, da
 
 REQUESTS = {
     "no file field": dict(data={"operating_point": "balanced"}, content_type="multipart/form-data"),
-    "json body": dict(data=json.dumps({"file": "aGVsbG8="}), content_type="application/json"),
-    "text body": dict(data="file=xray.jpg", content_type="text/plain"),
-    "no content type": dict(data=b"\xff\xd8\xff" * 100),
     "multipart without boundary": dict(data=b"--x\r\n\r\n", content_type="multipart/form-data"),
     "garbage multipart": dict(data=b"--b\r\nnot a header\r\n\r\nzzz", content_type="multipart/form-data; boundary=b"),
     "empty filename and content": dict(data={"file": (io.BytesIO(b""), "")}, content_type="multipart/form-data"),
@@ -97,6 +94,58 @@ def test_malformed_requests_are_json_400(hostile_app, no_disk_writes, label: str
     response = client.post("/api/v1/predict", **REQUESTS[label])
     assert response.status_code == 400 and response.mimetype == "application/json"
     assert response.get_json()["error"]["code"] in ("missing_file", "bad_request")
+    _assert_still_serving(client)
+
+
+NOT_MULTIPART = {
+    "json body": dict(data=json.dumps({"file": "aGVsbG8="}), content_type="application/json"),
+    "text body": dict(data="file=xray.jpg", content_type="text/plain"),
+    "no content type": dict(data=b"\xff\xd8\xff" * 100),
+    "urlencoded": dict(data="file=" + "A" * 1_000_000, content_type="application/x-www-form-urlencoded"),
+}
+
+
+@pytest.mark.parametrize("label", list(NOT_MULTIPART))
+def test_bodies_that_are_not_multipart_are_refused_unread(hostile_app, no_disk_writes, monkeypatch,
+                                                          label: str) -> None:
+    """415 before a byte of the body is read: a 20 MB urlencoded body cost +0.9 GB before."""
+    from werkzeug.wrappers import Request
+
+    def never(self, *args, **kwargs):
+        raise AssertionError("the body was parsed")
+
+    monkeypatch.setattr(Request, "_load_form_data", never)
+    client = hostile_app.test_client()
+    response = client.post("/api/v1/predict", **NOT_MULTIPART[label])
+    assert response.status_code == 415 and response.get_json()["error"]["code"] == "unsupported_media_type"
+    assert "multipart/form-data" in response.get_json()["error"]["message"]
+    monkeypatch.undo()
+    _assert_still_serving(client)
+
+
+def test_many_fields_with_one_file_name_the_field_limit(hostile_app, no_disk_writes) -> None:
+    client = hostile_app.test_client()
+    response = _post(client, [("x.jpg", GOOD)], **{f"field{i}": "1" for i in range(1000)})
+    assert response.status_code == 413 and response.get_json()["error"]["code"] == "too_many_parts"
+    assert "8 other fields" in response.get_json()["error"]["message"]
+    _assert_still_serving(client)
+
+
+def test_a_broken_body_stream_is_a_400_not_a_500(hostile_app) -> None:
+    """What gunicorn raises for a malformed chunked body (a real server: test_web.py)."""
+    from gunicorn.http.errors import InvalidChunkSize
+
+    class BrokenChunks(io.BytesIO):
+        def read(self, *args):
+            raise InvalidChunkSize(b"zz")
+
+        readline = read
+
+    client = hostile_app.test_client()
+    body = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.jpg\"\r\n\r\n"
+    response = client.post("/api/v1/predict", data=body, content_type="multipart/form-data; boundary=b",
+                           environ_overrides={"wsgi.input": BrokenChunks(body)})
+    assert response.status_code == 400 and response.get_json()["error"]["code"] == "malformed_body"
     _assert_still_serving(client)
 
 
@@ -123,7 +172,7 @@ def test_too_many_and_too_large(hostile_app, no_disk_writes) -> None:
     nine = _post(client, [(f"{i}.jpg", GOOD) for i in range(9)])
     assert nine.status_code == 413 and nine.get_json()["error"]["code"] == "too_many_files"
     swarm = _post(client, [(f"{i}.jpg", b"x") for i in range(10_000)])
-    assert swarm.status_code == 413 and swarm.get_json()["error"]["code"] == "too_many_files"
+    assert swarm.status_code == 413 and swarm.get_json()["error"]["code"] == "too_many_parts"
     huge = _post(client, [("big.jpg", b"\xff\xd8\xff" + b"\x00" * (5 * 1024 * 1024))])
     assert huge.status_code == 413 and huge.get_json()["error"]["code"] == "payload_too_large"
     _assert_still_serving(client)

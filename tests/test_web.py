@@ -168,10 +168,21 @@ def test_pneumoscan_serve_runs_gunicorn_and_answers(tiny_bundle: Path, xray_root
         assert answer.startswith("HTTP/1.1 408") and '"request_timeout"' in answer
         assert 2.5 < time.monotonic() - slow_started < 30
         slow.close()
+        # A chunked body whose second chunk size is not hexadecimal: a 400, not a 500 with a traceback.
+        broken = socket.create_connection(("127.0.0.1", port), timeout=10)
+        broken.sendall(b"POST /api/v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+                       b"boundary=zz\r\nTransfer-Encoding: chunked\r\n\r\n6\r\n--zz\r\n\r\nZZ\r\nxx\r\n0\r\n\r\n")
+        chunks = []
+        while chunk := broken.recv(4096):
+            chunks.append(chunk)
+        answer = b"".join(chunks).decode(errors="replace")
+        assert answer.startswith("HTTP/1.1 400") and '"malformed_body"' in answer
+        broken.close()
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         output = server.communicate(timeout=30)[0]
     assert "gunicorn" in output.lower()
+    assert "Traceback" not in output and "unexpected error" not in output
 
 
 def test_api_operating_point_and_threshold(client, app) -> None:

@@ -80,6 +80,8 @@ def test_audit_log_is_off_by_default_and_records_no_names(tiny_bundle: Path, tmp
 @pytest.mark.parametrize(("name", "value", "message"), [
     ("PNEUMOSCAN_MAX_FILES", "many", "PNEUMOSCAN_MAX_FILES must be a positive whole number"),
     ("PNEUMOSCAN_MAX_CONTENT_LENGTH", "-5", "PNEUMOSCAN_MAX_CONTENT_LENGTH must be a positive whole number"),
+    ("PNEUMOSCAN_DECODE_CONCURRENCY", "0", "PNEUMOSCAN_DECODE_CONCURRENCY must be a positive whole number"),
+    ("PNEUMOSCAN_MODEL_SHA256", "abc", "PNEUMOSCAN_MODEL_SHA256 must be 64 hexadecimal digits"),
 ])
 def test_bad_settings_are_named(tiny_bundle: Path, monkeypatch, name: str, value: str, message: str) -> None:
     from pneumoscan.errors import ConfigError
@@ -150,3 +152,38 @@ def test_model_card_page_and_recorded_evaluation(tiny_bundle: Path, xray_root: P
     page = client.get("/model").get_data(as_text=True)
     assert "Metrics: test (n = 12)" in page and "Intended use" in page
     assert f"{accuracy['value']:.3f}" in page and f"{accuracy['ci_low']:.3f}" in page
+
+
+def test_a_pinned_bundle_digest_is_enforced(tiny_bundle: Path) -> None:
+    from pneumoscan.errors import BundleError
+    from pneumoscan.models import bundle_digest
+    from pneumoscan.web import create_app
+
+    digest = bundle_digest(tiny_bundle)
+    client = create_app({"MODEL_DIR": str(tiny_bundle), "MODEL_SHA256": digest}).test_client()
+    assert client.get("/readyz").get_json()["bundle_digest"] == digest
+    assert client.get("/api/v1/model").get_json()["bundle_digest"] == digest
+    with pytest.raises(BundleError, match="was expected"):
+        create_app({"MODEL_DIR": str(tiny_bundle), "MODEL_SHA256": "f" * 64})
+
+
+def test_decoding_waits_for_a_slot_no_longer_than_the_deadline(tiny_bundle: Path) -> None:
+    """With every decoding slot held (other uploads decoding), a request gets a 503 with
+    Retry-After when its deadline passes, not an unbounded wait."""
+    import time
+
+    from pneumoscan.web import create_app
+
+    app = create_app({"MODEL_DIR": str(tiny_bundle), "REQUEST_TIMEOUT": 1, "DECODE_CONCURRENCY": 1})
+    client = app.test_client()
+    slots = app.extensions["pneumoscan_decode_slots"]
+    assert slots.acquire(timeout=1)
+    try:
+        started = time.monotonic()
+        response = _post(client, (image_bytes(make_xray(3)), "a.png"))
+        waited = time.monotonic() - started
+    finally:
+        slots.release()
+    assert response.status_code == 503 and response.get_json()["error"]["code"] == "server_busy"
+    assert response.headers["Retry-After"] == "5" and 0.9 < waited < 5
+    assert _post(client, (image_bytes(make_xray(3)), "a.png")).status_code == 200

@@ -216,13 +216,16 @@ def serve(
     allow_torch_fallback: Annotated[bool, typer.Option(
         "--allow-torch-fallback", envvar="PNEUMOSCAN_ALLOW_TORCH_FALLBACK",
         help="Serve with PyTorch (and a warning) when the bundle's ONNX model is tampered or unusable.")] = False,
+    model_sha256: Annotated[Optional[str], typer.Option(
+        "--model-sha256", envvar="PNEUMOSCAN_MODEL_SHA256",
+        help="Refuse to serve unless the bundle's digest (sha256 of its manifest.json) is this.")] = None,
 ) -> None:
     """Serve the web app and JSON API with gunicorn (never the Flask debug server)."""
     from pneumoscan.web.server import run_gunicorn
 
     settings = {"MAX_CONTENT_LENGTH": max_upload_mb * 1024 * 1024 if max_upload_mb is not None else None,
                 "MAX_FILES": max_files, "AUDIT_LOG": str(audit_log) if audit_log else None,
-                "REQUEST_TIMEOUT": request_timeout,
+                "REQUEST_TIMEOUT": request_timeout, "MODEL_SHA256": model_sha256,
                 "BACKEND": backend, "ALLOW_TORCH_FALLBACK": "true" if allow_torch_fallback else "false"}
     run_gunicorn(model_dir=model, host=host, port=port, workers=workers, threads=threads, timeout=timeout,
                  settings={key: value for key, value in settings.items() if value is not None})

@@ -165,3 +165,12 @@ def export(
     checks = ", ".join(f"{name} {value:.1e}" for name, value in info.parity_max_abs_diff.items())
     typer.echo(f"model.onnx written (opset {info.opset}); largest probability difference from PyTorch: "
                f"{checks} (limit {PARITY_TOLERANCE:.0e})")
+
+
+@app.command()
+def seal(model: Annotated[Path, typer.Option("--model", help="Bundle directory without a manifest.json.")]) -> None:
+    """Write manifest.json for a bundle made before manifests existed (after checking every file
+    model.json records), and print its digest for --model-sha256."""
+    from pneumoscan.models import seal_bundle
+
+    typer.echo(f"sealed {model}; its digest (pneumoscan serve --model-sha256): {seal_bundle(model)}")

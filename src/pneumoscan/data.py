@@ -93,6 +93,11 @@ def scan_labelled_folder(folder: str | Path) -> list[Sample]:
         if not class_dir.is_dir():
             raise DatasetError(f"{folder} has no {class_name}/ class folder")
         files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        broken = [p for p in files if not p.is_file()]  # a symlink loop, a dangling link, a folder named x.jpg
+        if broken:
+            raise DatasetError(f"{broken[0]} is not a readable file (a symbolic link that loops or points "
+                               f"nowhere, or a folder){f', nor are {len(broken) - 1} more' if len(broken) > 1 else ''}; "
+                               "remove or fix it")
         if not files:
             raise DatasetError(f"{class_dir} holds no .jpeg/.jpg/.png/.dcm image")
         samples.extend(Sample(p, label, patient_id_from_name(p.name, label)) for p in files)
@@ -100,8 +105,15 @@ def scan_labelled_folder(folder: str | Path) -> list[Sample]:
 
 
 def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """Hex SHA-256 of a file's bytes.
+
+    Raises:
+        DatasetError: the file cannot be read.
+    """
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read the file ({exc.strerror})") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,18 @@ MAX_COLOURFULNESS = 12.0  # mean chroma distance from grey (0-255 scale); radiog
 _GREY_MODES = frozenset({"L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "1"})
 
 
+_SAMPLE_SIDE = 1024
+
+
+def _sample(image: Image.Image) -> Image.Image:
+    """At most about 1024 x 1024 of the image's own pixels (every k-th, no averaging), so that a
+    pixel statistic costs no float copy of a full-size image and keeps its per-pixel meaning."""
+    step = max(1, -(-max(image.size) // _SAMPLE_SIDE))
+    if step == 1:
+        return image
+    return image.resize((-(-image.width // step), -(-image.height // step)), Image.Resampling.NEAREST)
+
+
 def colourfulness(image: Image.Image) -> float:
     """Mean distance of each pixel's chroma (YCbCr Cb, Cr) from neutral grey, on a 0-255 scale.
 
@@ -43,7 +55,7 @@ def colourfulness(image: Image.Image) -> float:
     """
     if image.mode in _GREY_MODES:
         return float(image.info.get(COLOURFULNESS_KEY, 0.0))
-    ycbcr = np.asarray(image.convert("RGB").convert("YCbCr"), dtype=np.float32)
+    ycbcr = np.asarray(_sample(image).convert("RGB").convert("YCbCr"), dtype=np.float32)
     return float(np.mean(np.abs(ycbcr[..., 1] - 128.0) + np.abs(ycbcr[..., 2] - 128.0)))
 
 
@@ -57,7 +69,7 @@ def image_reasons(image: Image.Image) -> list[str]:
         reasons.append("extreme_aspect_ratio")
     if colourfulness(image) > MAX_COLOURFULNESS:
         reasons.append("colour_image")
-    if float(np.asarray(image.convert("L"), dtype=np.float32).std()) < MIN_CONTRAST:
+    if float(np.asarray(_sample(image).convert("L"), dtype=np.float32).std()) < MIN_CONTRAST:
         reasons.append("blank_or_constant")
     if DICOM_MODALITY_KEY in image.info and image.info[DICOM_MODALITY_KEY] not in RADIOGRAPH_MODALITIES:
         reasons.append("dicom_modality_not_radiograph")  # CT, MR, US, a secondary capture...

@@ -9,9 +9,11 @@ everything the same way keeps train, test and served images alike. numpy and Pil
 from __future__ import annotations
 
 import io
+import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -22,6 +24,19 @@ from pneumoscan.gate import COLOURFULNESS_KEY, DICOM_MODALITY_KEY, DICOM_VIEW_KE
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".dcm"})
 #: Decoding more pixels than this is refused before the pixel data is read (decompression bombs).
 MAX_PIXELS: int = 64_000_000
+#: The most memory one image may take to decode: pixels (at the scale decoded) x bytes per pixel
+#: x frames decoded, plus a progressive JPEG's full-size coefficients. Checked from the header,
+#: before any pixel data is read. 64 MB is a 64-megapixel 8-bit film or a 32-megapixel 16-bit
+#: one; a detector-sized radiograph (4300 x 4300 x 16 bit) takes 37 MB. A small file can declare
+#: far more (a 140 kB 16-bit PNG of 8000 x 8000 decodes to 128 MB and cost 1.7 GB before).
+MAX_DECODE_BYTES: int = 64_000_000
+#: libjpeg decodes a progressive JPEG scan by scan, each a pass over every coefficient block, so
+#: thousands of empty scans cost tens of seconds of CPU. Encoders write about 6 (grey) to 10
+#: (colour); libjpeg-turbo's documentation suggests limits of a few hundred.
+MAX_JPEG_SCANS: int = 100
+#: Bytes per pixel of Pillow's own storage for each mode (RGB is stored as 4 bytes).
+_BYTES_PER_PIXEL: dict[str, int] = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2}
+_SOS = b"\xff\xda"  # JPEG start-of-scan; entropy-coded data never contains it (0xFF is stuffed)
 _SIGNATURES: tuple[bytes, ...] = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG
 
 def decode_image(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXELS,
@@ -69,6 +84,10 @@ def decode_image(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXE
         if draft_size is not None and image.format == "JPEG":
             # keep the source's own mode: the input gate needs to know whether it was colour
             image.draft(image.mode, (draft_size, draft_size))
+    except Exception as exc:
+        raise InvalidImageError(f"{name}: cannot read the image header ({exc})") from None
+    _check_budget(image, (width, height), data, name)
+    try:
         image.load()
         # A phone or scanner JPEG stored sideways says so in its EXIF Orientation: turn it
         # upright here, once, for every caller (API, page, CLI, evaluation, training).
@@ -78,6 +97,32 @@ def decode_image(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXE
         raise InvalidImageError(f"{name}: the image data is corrupt or truncated ({exc})") from None
     grey.info[COLOURFULNESS_KEY] = colourfulness(image)
     return grey
+
+
+def _check_budget(image: Image.Image, full_size: tuple[int, int], data: bytes, name: str) -> None:
+    """Refuse, from the header alone, an image that would cost more than the decoding budget.
+
+    Raises:
+        InvalidImageError: ``decode_budget_exceeded`` (413).
+    """
+    width, height = image.size  # after a JPEG draft: the reduced size actually decoded
+    cost = width * height * _BYTES_PER_PIXEL.get(image.mode, 4)
+    if image.format == "JPEG" and ("progressive" in image.info or "progression" in image.info):
+        # libjpeg holds every DCT coefficient (2 bytes) of a progressive image at full size,
+        # whatever the draft scale, and walks all of them once per scan.
+        cost = max(cost, full_size[0] * full_size[1] * 2 * len(image.getbands()))
+        scans = data.count(_SOS)
+        if scans > MAX_JPEG_SCANS:
+            raise InvalidImageError(f"{name}: the progressive JPEG has {scans} scans; the limit is {MAX_JPEG_SCANS}",
+                                    code="decode_budget_exceeded", http_status=413)
+    _refuse_over_budget(cost, f"{full_size[0]}x{full_size[1]} {image.mode}", name)
+
+
+def _refuse_over_budget(cost: int, what: str, name: str) -> None:
+    if cost > MAX_DECODE_BYTES:
+        raise InvalidImageError(
+            f"{name}: decoding this {what} image would take {cost / 1e6:.0f} MB of memory; "
+            f"the limit is {MAX_DECODE_BYTES / 1e6:.0f} MB", code="decode_budget_exceeded", http_status=413)
 
 
 def decode_dicom(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -91,8 +136,9 @@ def decode_dicom(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXE
             transfer syntax no installed decoder handles.
     """
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
+    _quiet_pydicom()
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
     except Exception:
@@ -101,36 +147,103 @@ def decode_dicom(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXE
         raise InvalidImageError(f"{name}: the DICOM file has no pixel data", code="dicom_no_pixels")
     try:
         rows, columns = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
+        bytes_per_sample = -(-int(dataset.get("BitsAllocated", 16) or 16) // 8)
+        samples = int(dataset.get("SamplesPerPixel", 1) or 1)
     except Exception:  # pydicom raises many types on a malformed element (NotImplementedError for a bad VR)
-        raise InvalidImageError(f"{name}: the DICOM image size (Rows, Columns) is invalid") from None
+        raise InvalidImageError(f"{name}: the DICOM image attributes (Rows, Columns, BitsAllocated) are invalid") from None
     if rows * columns > max_pixels:
         raise InvalidImageError(f"{name}: {columns}x{rows} pixels is more than the limit of {max_pixels}",
                                 code="too_many_pixels", http_status=413)
+    if samples != 1:
+        raise InvalidImageError(f"{name}: only single-channel (greyscale) DICOM images are supported",
+                                code="unsupported_media_type", http_status=415)
+    # One frame is decoded, whatever NumberOfFrames says (a multi-frame file cost every frame before).
+    _refuse_over_budget(rows * columns * bytes_per_sample, f"{columns}x{rows} {8 * bytes_per_sample}-bit DICOM", name)
     try:
-        pixels = dataset.pixel_array
+        pixels = pixel_array(dataset, index=0)
     except Exception as exc:  # pydicom and its decoders raise many types on broken pixel data
         raise InvalidImageError(f"{name}: cannot decode the DICOM pixel data{_transfer_syntax(dataset)}: "
                                 f"{type(exc).__name__}", code="dicom_undecodable") from None
-    if pixels.ndim == 3 and dataset.get("SamplesPerPixel", 1) == 1:
-        pixels = pixels[0]  # multi-frame: the first frame
     if pixels.ndim != 2:
         raise InvalidImageError(f"{name}: only single-channel (greyscale) DICOM images are supported",
                                 code="unsupported_media_type", http_status=415)
+
+    def rescale_and_window(stored: np.ndarray) -> np.ndarray:
+        return apply_voi_lut(apply_modality_lut(stored, dataset), dataset)
+
+    invert = str(dataset.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
     try:
-        values = apply_voi_lut(apply_modality_lut(pixels, dataset), dataset).astype(np.float64)
+        grey = stretch_to_uint8(pixels, rescale_and_window, invert=invert)
+    except FloatingPointError:
+        raise InvalidImageError(f"{name}: the DICOM rescale or window gives non-finite pixel values") from None
     except Exception:  # a malformed Rescale or VOI LUT / window attribute
         raise InvalidImageError(f"{name}: the DICOM rescale or window (VOI LUT) attributes are invalid") from None
-    if not np.isfinite(values).all():
-        raise InvalidImageError(f"{name}: the DICOM rescale or window gives non-finite pixel values")
-    if str(dataset.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        values = values.max() + values.min() - values
-    low, high = float(values.min()), float(values.max())
-    scale = 255.0 / (high - low) if high > low else 0.0
-    image = Image.fromarray(((values - low) * scale).round().astype(np.uint8))
+    image = Image.fromarray(grey)
     # Only these two acquisition tags travel on, for the input gate; no other tag leaves here.
     image.info[DICOM_MODALITY_KEY] = str(dataset.get("Modality", "") or "").strip().upper()
     image.info[DICOM_VIEW_KEY] = str(dataset.get("ViewPosition", "") or "").strip().upper()
     return image
+
+
+_ROWS_PER_CHUNK = 256
+
+
+def stretch_to_uint8(stored: np.ndarray, transform: Callable[[np.ndarray], np.ndarray] | None = None, *,
+                     invert: bool = False) -> np.ndarray:
+    """Samples -> uint8, their (transformed) values stretched linearly over 0..255.
+
+    ``transform`` maps stored values elementwise (a DICOM rescale and window). 8- and 16-bit
+    samples go through a lookup table over every possible code, applied a band of rows at a
+    time, so no float (or index) copy of the full image is ever made: a 64-megapixel 16-bit film
+    takes its own 128 MB plus 64 MB of output, where float64 copies took 1.7 GB.
+
+    Raises:
+        FloatingPointError: the transform gives a non-finite value for a sample in the image.
+    """
+    transform = transform or (lambda values: values)
+    if stored.dtype.kind in "ui" and stored.dtype.itemsize <= 2:
+        unsigned = np.dtype(f"u{stored.dtype.itemsize}")
+        codes = stored.view(unsigned)  # signed samples by their bit pattern
+        present = np.zeros(1 << (8 * unsigned.itemsize), dtype=bool)
+        for start in range(0, codes.shape[0], _ROWS_PER_CHUNK):
+            present[codes[start:start + _ROWS_PER_CHUNK]] = True
+        values = np.asarray(transform(np.arange(present.size, dtype=unsigned).view(stored.dtype)), dtype=np.float64)
+        low, high = _finite_range(values[present])
+        lut = _stretched(values, low, high, invert)
+        out = np.empty(codes.shape, dtype=np.uint8)
+        for start in range(0, codes.shape[0], _ROWS_PER_CHUNK):
+            out[start:start + _ROWS_PER_CHUNK] = lut[codes[start:start + _ROWS_PER_CHUNK]]
+        return out
+    values = np.asarray(transform(stored), dtype=np.float32)  # 32-bit or float samples: rare, within budget
+    low, high = _finite_range(values)
+    return _stretched(values, low, high, invert)
+
+
+def _finite_range(values: np.ndarray) -> tuple[float, float]:
+    low, high = float(values.min()), float(values.max())
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise FloatingPointError("non-finite sample values")
+    return low, high
+
+
+def _stretched(values: np.ndarray, low: float, high: float, invert: bool) -> np.ndarray:
+    scale = 255.0 / (high - low) if high > low else 0.0
+    out = np.clip((values - low) * scale, 0, 255).round().astype(np.uint8)
+    return 255 - out if invert else out  # MONOCHROME1: low values are white
+
+
+def _withhold_values(record: logging.LogRecord) -> bool:
+    record.msg, record.args = "pydicom: a DICOM attribute could not be read as written (value withheld)", ()
+    return True
+
+
+def _quiet_pydicom() -> None:
+    """pydicom's warnings quote attribute values ("Unknown encoding 'Doe^Jane'"): tag values must
+    never reach a log, so its warnings are dropped and its log records lose their arguments.
+    Installed on every call (both are idempotent): code that resets the warning filters (pytest,
+    ``warnings.catch_warnings``) must not let them through again."""
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+    logging.getLogger("pydicom").addFilter(_withhold_values)
 
 
 def _transfer_syntax(dataset: Any) -> str:
@@ -146,18 +259,18 @@ def _to_grey(image: Image.Image) -> Image.Image:
     if image.mode == "L":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        low, high = float(array.min()), float(array.max())
-        scale = 255.0 / (high - low) if high > low else 0.0
-        return Image.fromarray(((array - low) * scale).round().astype(np.uint8))
+        return Image.fromarray(stretch_to_uint8(np.asarray(image)))
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
         # On white, as a viewer shows a transparent PNG: on black, a semi-transparent film
         # darkens and reads as another exposure (P(pneumonia) 0.34 -> 0.80 in one case).
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image.convert("RGBA"))
-    return image.convert("RGB").convert("L")
+        # Grey first, then composited (the same up to rounding: both are linear), so no second
+        # full-size colour copy is made.
+        grey = Image.new("L", image.size, 255)
+        grey.paste(image.convert("L"), mask=image.getchannel("A"))
+        return grey
+    return image.convert("L")
 
 
 def load_image(path: str | Path, *, draft_size: int | None = None) -> Image.Image:

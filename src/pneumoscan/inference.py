@@ -20,7 +20,7 @@ from PIL import Image
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.gate import FeatureGate, screen
 from pneumoscan.imaging import Preprocessing
-from pneumoscan.models import Classifier, Ensemble, default_bundle_path, load_bundle
+from pneumoscan.models import Classifier, Ensemble, bundle_digest, default_bundle_path, load_bundle
 from pneumoscan.runtime import Runner, open_runner
 from pneumoscan.spec import BundleSpec, Decision
 
@@ -71,26 +71,31 @@ class Predictor:
         self.runner = runner
         self.gate = gate
         self.tta = tta
+        self.digest: str | None = None  # the bundle's manifest sha256, when loaded from a directory
         # One forward at a time per process: concurrent requests would oversubscribe the cores.
         self._lock = threading.Lock()
 
     @classmethod
     def from_bundle(cls, path: str | Path | None = None, *, tta: bool = False, backend: str = "auto",
-                    allow_torch_fallback: bool = False) -> "Predictor":
+                    allow_torch_fallback: bool = False, expected_digest: str | None = None) -> "Predictor":
         """Load a bundle (the packaged default model when ``path`` is None).
 
         ``tta`` averages the log-odds of each image and its horizontal mirror. ``backend``:
         ``auto``, ``onnxruntime`` or ``torch`` (see :func:`pneumoscan.runtime.open_runner`).
+        ``expected_digest`` pins the bundle's manifest sha256.
 
         Raises:
-            BundleError: missing, corrupt or tampered bundle (weights, gate or ONNX file).
+            BundleError: missing, corrupt or tampered bundle (any file, model.json included).
             ConfigError: an unknown backend, or ``onnxruntime`` when it cannot be used.
         """
         directory = default_bundle_path() if path is None else Path(path)
-        model, spec = load_bundle(directory, check_onnx=False)  # open_runner checks the ONNX file
+        model, spec = load_bundle(directory, check_onnx=False,  # open_runner checks the ONNX file
+                                  expected_digest=expected_digest)
         gate = FeatureGate.load(directory / spec.gate.file) if spec.gate is not None else None
         runner = open_runner(directory, spec, model, backend=backend, allow_torch_fallback=allow_torch_fallback)
-        return cls(model, spec, runner, gate=gate, tta=tta)
+        predictor = cls(model, spec, runner, gate=gate, tta=tta)
+        predictor.digest = bundle_digest(directory)
+        return predictor
 
     @property
     def backend(self) -> str:

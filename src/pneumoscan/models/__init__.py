@@ -4,12 +4,14 @@ from pneumoscan.spec import BundleSpec
 
 from pneumoscan.models import backbones as _backbones  # noqa: F401  (registers the entries)
 from pneumoscan.models.bundle import (
+    bundle_digest,
     default_bundle_path,
     load_bundle,
     load_gate_extractor,
     read_spec,
     rewrite_bundle,
     save_bundle,
+    seal_bundle,
     verify_bundle,
     verify_part,
 )
@@ -28,6 +30,7 @@ __all__ = [
     "Ensemble",
     "pooled",
     "backbone_info",
+    "bundle_digest",
     "create_classifier",
     "default_bundle_path",
     "list_backbones",
@@ -39,6 +42,7 @@ __all__ = [
     "rewrite_bundle",
     "register_backbone",
     "save_bundle",
+    "seal_bundle",
     "verify_bundle",
     "verify_part",
 ]

@@ -1,14 +1,14 @@
 """The model bundle: the only thing that crosses from training to serving.
 
-A bundle is a directory with ``model.safetensors`` (the plain :class:`Classifier` state dict)
-and ``model.json`` (:class:`~pneumoscan.spec.BundleSpec`: architecture, preprocessing, the
-decision, the gate, the ONNX graph, provenance, and the sha256 of every file, checked on every
-load). It may also hold ``split.csv``, the train/validation split it was trained on.
+A bundle is a directory with ``model.safetensors`` (the plain :class:`Classifier` state dict),
+``model.json`` (:class:`~pneumoscan.spec.BundleSpec`: architecture, preprocessing, the
+decision, the gate, the ONNX graph, provenance) and ``manifest.json`` (the sha256 of every other
+file, model.json included, checked on every load: :mod:`pneumoscan.integrity`). It may also hold
+``split.csv``, the train/validation split it was trained on, the gate and the ONNX graph.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -21,25 +21,29 @@ from torch import nn
 
 from pneumoscan.data import SPLIT_FILE
 from pneumoscan.errors import BundleError, PneumoscanError
+from pneumoscan.integrity import (
+    MANIFEST_FILE,
+    bundle_digest,
+    check_file,
+    check_files,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
 from pneumoscan.models.network import Classifier, Ensemble
 from pneumoscan.models.registry import create_classifier
 from pneumoscan.spec import BundleSpec, GateInfo, OnnxInfo
 
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
+#: The digest (manifest sha256) of the packaged default bundle: editing its files and its manifest
+#: together is caught too. Updated whenever the default bundle is rewritten.
+DEFAULT_BUNDLE_DIGEST = "6f7e32a80125d94de154f4d22d0ad459f343b6cee1ba9860f336827817567eda"
 
-__all__ = ["SPEC_FILE", "SPLIT_FILE", "WEIGHTS_FILE", "BundleSpec", "default_bundle_path", "load_bundle",
-           "load_gate_extractor", "load_weights", "read_spec", "rewrite_bundle", "save_bundle", "save_weights",
-           "sha256_file", "verify_bundle", "verify_part"]
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+__all__ = ["MANIFEST_FILE", "SPEC_FILE", "SPLIT_FILE", "WEIGHTS_FILE", "BundleSpec", "bundle_digest",
+           "default_bundle_path", "load_bundle", "load_gate_extractor", "load_weights", "read_spec",
+           "rewrite_bundle", "save_bundle", "save_weights", "seal_bundle", "sha256_file", "verify_bundle",
+           "verify_part"]
 
 
 def save_weights(model: nn.Module, path: Path, *, half: bool = False) -> None:
@@ -88,7 +92,7 @@ def rewrite_bundle(source: str | Path, spec: BundleSpec, directory: str | Path, 
     added or replacing them."""
     source = Path(source)
     kept = {item.name: item for item in source.iterdir()
-            if item.is_file() and item.name not in (WEIGHTS_FILE, SPEC_FILE, *drop)}
+            if item.is_file() and item.name not in (WEIGHTS_FILE, SPEC_FILE, MANIFEST_FILE, *drop)}
     return _write_bundle(Path(directory), spec, lambda path: shutil.copyfile(source / WEIGHTS_FILE, path),
                          {**kept, **(extra_files or {})})
 
@@ -105,6 +109,7 @@ def _write_bundle(directory: Path, spec: BundleSpec, write_weights: Callable[[Pa
         (tmp / SPEC_FILE).write_text(spec.to_json())
         for name, source in (extra_files or {}).items():
             shutil.copyfile(source, tmp / name)
+        write_manifest(tmp)  # last: it covers every file above
         for item in tmp.iterdir():
             item.chmod(0o644)
             with open(item, "rb") as handle:
@@ -123,20 +128,39 @@ def _write_bundle(directory: Path, spec: BundleSpec, write_weights: Callable[[Pa
     return spec
 
 
-def read_spec(directory: str | Path) -> BundleSpec:
-    """Read and validate ``model.json`` of a bundle without loading the weights.
+def _expected_digest(directory: Path, expected_digest: str | None) -> str | None:
+    if expected_digest is None and DEFAULT_BUNDLE_DIGEST and directory.resolve() == default_bundle_path().resolve():
+        return DEFAULT_BUNDLE_DIGEST
+    return expected_digest
 
-    Raises:
-        BundleError: missing directory or file, or a bad spec.
-    """
+
+def _spec_of(directory: Path, manifest: dict[str, str]) -> BundleSpec:
+    spec_path = directory / SPEC_FILE
+    if not spec_path.is_file():
+        raise BundleError(f"{directory} is not a model bundle: {SPEC_FILE} is missing")
+    check_file(directory, manifest, SPEC_FILE)
+    return BundleSpec.from_json(spec_path.read_text(), source=str(spec_path))
+
+
+def _bundle_dir(directory: str | Path) -> Path:
     directory = Path(directory)
     if not directory.is_dir():
         raise BundleError(f"model bundle {directory} does not exist (expected a directory with "
                           f"{WEIGHTS_FILE} and {SPEC_FILE})")
-    spec_path = directory / SPEC_FILE
-    if not spec_path.is_file():
+    if not (directory / SPEC_FILE).is_file() and not (directory / MANIFEST_FILE).is_file():
         raise BundleError(f"{directory} is not a model bundle: {SPEC_FILE} is missing")
-    return BundleSpec.from_json(spec_path.read_text(), source=str(spec_path))
+    return directory
+
+
+def read_spec(directory: str | Path, *, expected_digest: str | None = None) -> BundleSpec:
+    """Read and validate ``model.json`` of a bundle (checked against the manifest) without
+    loading or checking the other files.
+
+    Raises:
+        BundleError: missing directory or file, no manifest, a modified model.json, or a bad spec.
+    """
+    directory = _bundle_dir(directory)
+    return _spec_of(directory, read_manifest(directory, expected_digest=_expected_digest(directory, expected_digest)))
 
 
 def verify_part(directory: Path, part: GateInfo | OnnxInfo) -> None:
@@ -150,37 +174,59 @@ def verify_part(directory: Path, part: GateInfo | OnnxInfo) -> None:
         raise BundleError(f"{path} is missing, corrupt or was modified; refusing to load the bundle")
 
 
-def verify_bundle(directory: str | Path, *, check_onnx: bool = True) -> BundleSpec:
-    """Check a bundle without building the network: spec readable, weights present, sha256 right.
+def verify_bundle(directory: str | Path, *, check_onnx: bool = True, expected_digest: str | None = None) -> BundleSpec:
+    """Check a bundle without building the network: every file against the manifest (the ONNX
+    graph only with ``check_onnx``), and that every file model.json names is listed there.
 
     Raises:
-        BundleError: missing files, a bad spec, or a sha256 mismatch (corrupt or tampered weights,
-            gate or, with ``check_onnx``, ONNX model).
+        BundleError: a missing, unlisted, corrupt or modified file (named), no manifest, a
+            digest other than ``expected_digest``, or a bad spec.
     """
-    directory = Path(directory)
-    spec = read_spec(directory)
-    weights_path = directory / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise BundleError(f"{directory} is not a complete model bundle: {WEIGHTS_FILE} is missing")
-    actual = sha256_file(weights_path)
-    if actual != spec.weights_sha256:
-        raise BundleError(
-            f"{weights_path} is corrupt or was modified: its sha256 is {actual[:16]}..., but "
-            f"{SPEC_FILE} records {spec.weights_sha256[:16] or 'nothing'}.... Refusing to load it; "
-            "re-export or re-download the bundle."
-        )
-    # The input gate and the ONNX model are checked like the weights.
-    for part in (spec.gate, spec.onnx if check_onnx else None):
-        if part is not None:
-            verify_part(directory, part)
-    if spec.gate is not None and spec.gate.extractor_file:
-        path = directory / spec.gate.extractor_file
-        if not path.is_file() or sha256_file(path) != spec.gate.extractor_sha256:
-            raise BundleError(f"{path} is missing, corrupt or was modified; refusing to load the bundle")
+    directory = _bundle_dir(directory)
+    manifest = read_manifest(directory, expected_digest=_expected_digest(directory, expected_digest))
+    spec = _spec_of(directory, manifest)
+    onnx = spec.onnx.file if spec.onnx is not None else None
+    check_files(directory, manifest, skip=() if check_onnx or onnx is None else (onnx,))
+    for name, sha in _recorded(spec, check_onnx=check_onnx).items():
+        if name not in manifest:
+            raise BundleError(f"{directory / name} is missing from {MANIFEST_FILE}; refusing to load the bundle")
+        if manifest[name] != sha:
+            raise BundleError(f"{directory / name}: its sha256 in {SPEC_FILE} and in {MANIFEST_FILE} differ; "
+                              "refusing to load the bundle")
     return spec
 
 
-def load_bundle(directory: str | Path, *, check_onnx: bool = True) -> tuple[Classifier | Ensemble, BundleSpec]:
+def _recorded(spec: BundleSpec, *, check_onnx: bool = True) -> dict[str, str]:
+    """``{file: sha256}`` of every file model.json names."""
+    recorded = {WEIGHTS_FILE: spec.weights_sha256}
+    if spec.gate is not None:
+        recorded[spec.gate.file] = spec.gate.sha256
+        if spec.gate.extractor_file:
+            recorded[spec.gate.extractor_file] = spec.gate.extractor_sha256
+    if spec.onnx is not None and check_onnx:
+        recorded[spec.onnx.file] = spec.onnx.sha256
+    return recorded
+
+
+def seal_bundle(directory: str | Path) -> str:
+    """Write the manifest of a bundle that has none (made before manifests existed), after
+    checking every file model.json records; returns the new digest.
+
+    Raises:
+        BundleError: not a bundle, already sealed, or a file that differs from model.json.
+    """
+    directory = _bundle_dir(directory)
+    if (directory / MANIFEST_FILE).exists():
+        raise BundleError(f"{directory} is already sealed ({MANIFEST_FILE} exists)")
+    spec = BundleSpec.from_json((directory / SPEC_FILE).read_text(), source=str(directory / SPEC_FILE))
+    for name, sha in _recorded(spec).items():
+        if not (directory / name).is_file() or sha256_file(directory / name) != sha:
+            raise BundleError(f"{directory / name} is missing or differs from {SPEC_FILE}; not sealing the bundle")
+    return write_manifest(directory)
+
+
+def load_bundle(directory: str | Path, *, check_onnx: bool = True,
+                expected_digest: str | None = None) -> tuple[Classifier | Ensemble, BundleSpec]:
     """Rebuild the network (a :class:`Classifier`, or an :class:`Ensemble` of them) from a verified
     bundle and return it in eval mode (float32).
 
@@ -189,7 +235,7 @@ def load_bundle(directory: str | Path, *, check_onnx: bool = True) -> tuple[Clas
             architecture.
     """
     directory = Path(directory)
-    spec = verify_bundle(directory, check_onnx=check_onnx)
+    spec = verify_bundle(directory, check_onnx=check_onnx, expected_digest=expected_digest)
     try:
         members = [create_classifier(spec.backbone, weights="none", head=spec.head,
                                      input_size=spec.input_size, dropout=spec.dropout)

@@ -40,12 +40,15 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     _register_request_ids(app)  # first: every later hook and error has the id
     install_upload_deadline(app)
     # werkzeug stops parsing beyond this many parts: 10,000 tiny files cost nothing to refuse
-    app.config["MAX_FORM_PARTS"] = app.config["MAX_FILES"] + 8
+    app.config["MAX_FORM_PARTS"] = app.config["MAX_FILES"] + FORM_FIELDS
+    app.config["MAX_FORM_MEMORY_SIZE"] = 100_000  # bytes per non-file field (the form has a few short ones)
+    _refuse_unparseable_bodies(app)  # before the CSRF check, which would read the form
     app.request_class = InMemoryRequest
     if not app.config.get("SECRET_KEY"):
         app.config["SECRET_KEY"] = secrets.token_hex(32)
     predictor = Predictor.from_bundle(app.config["MODEL_DIR"], backend=app.config["BACKEND"],
-                                      allow_torch_fallback=app.config["ALLOW_TORCH_FALLBACK"])  # checks sha256s
+                                      allow_torch_fallback=app.config["ALLOW_TORCH_FALLBACK"],
+                                      expected_digest=app.config["MODEL_SHA256"])  # checks every file
     # One warm-up inference before /readyz says yes: the first real request pays no start-up cost.
     predictor.predict([Image.new("L", (predictor.spec.input_size,) * 2)])
     app.extensions["pneumoscan"] = predictor
@@ -65,6 +68,20 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+#: Non-file form fields a request may carry besides its files (the page's form sends 4).
+FORM_FIELDS = 8
+
+
+def _refuse_unparseable_bodies(app: Flask) -> None:
+    """A POST whose body is not multipart/form-data is refused before any of it is read: a 20 MB
+    urlencoded body would otherwise be read and parsed whole (+0.9 GB) only to lack a file."""
+
+    @app.before_request
+    def require_multipart():
+        if request.method == "POST" and request.mimetype != "multipart/form-data":
+            return _error(415, "unsupported_media_type",
+                          f"send images as multipart/form-data in the field 'file', not as {request.mimetype or 'a body without a Content-Type'}")
+        return None
 
 
 class InMemoryRequest(Request):
@@ -104,15 +121,21 @@ def _error(status: int, code: str, message: str):
 def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(PneumoscanError)
     def user_error(exc: PneumoscanError):
-        return _error(exc.http_status, exc.code, str(exc))
+        response = app.make_response(_error(exc.http_status, exc.code, str(exc)))
+        if getattr(exc, "retry_after", None):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
 
     @app.errorhandler(413)
     def too_large(exc: HTTPException):
         limit = app.config["MAX_CONTENT_LENGTH"]
         if request.content_length is not None and request.content_length <= limit:
-            # within the byte limit, so werkzeug stopped at MAX_FORM_PARTS: too many files or fields
-            return _error(413, "too_many_files",
-                          f"too many parts in one request; the limit is {app.config['MAX_FILES']} files")
+            # within the byte limit, so werkzeug stopped at MAX_FORM_PARTS or MAX_FORM_MEMORY_SIZE:
+            # which parts were files is unknown once parsing stops, so the message names both limits
+            return _error(413, "too_many_parts",
+                          f"too many parts in one request, or a form field over "
+                          f"{app.config['MAX_FORM_MEMORY_SIZE'] // 1000} kB: the limit is "
+                          f"{app.config['MAX_FILES']} files and {FORM_FIELDS} other fields")
         return _error(413, "payload_too_large", f"the upload is larger than the limit of {limit / 1e6:g} MB"
                       if limit >= 1e6 else f"the upload is larger than the limit of {limit} bytes")
 

@@ -33,7 +33,7 @@ def predict():
 @bp.get("/model")
 def model_info():
     """The loaded model's card: identity, data, intended use, metrics with CIs, calibration."""
-    return jsonify(model_card(predictor().spec))
+    return jsonify({**model_card(predictor().spec), "bundle_digest": predictor().digest})
 
 
 @bp.get("/openapi.json")

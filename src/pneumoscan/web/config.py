@@ -5,6 +5,7 @@ Kept free of torch so that ``pneumoscan serve``'s master process can check them 
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 from flask import Config
@@ -14,9 +15,11 @@ from pneumoscan.errors import ConfigError
 #: Every setting, each also read from a ``PNEUMOSCAN_<NAME>`` environment variable.
 DEFAULTS: dict[str, Any] = {
     "MODEL_DIR": None,  # None: the bundled default model
+    "MODEL_SHA256": None,  # the bundle's digest (sha256 of its manifest.json) to insist on; None: any sealed bundle
     "MAX_CONTENT_LENGTH": 20 * 1024 * 1024,  # bytes per request
     "MAX_FILES": 32,  # files per request
-    "REQUEST_TIMEOUT": 30,  # seconds to receive a request's body (slow uploads get a 408)
+    "REQUEST_TIMEOUT": 30,  # seconds to receive a request's body (slow uploads get a 408) and decode it (503)
+    "DECODE_CONCURRENCY": 1,  # images one worker process decodes at once (each at most 64 MB decoded)
     "AUDIT_LOG": None,  # path of the JSON-lines audit log; None: no audit log
     "BACKEND": "auto",  # auto (ONNX Runtime when the bundle has an ONNX model), onnxruntime or torch
     "ALLOW_TORCH_FALLBACK": False,  # a tampered/unusable ONNX file: PyTorch with a warning, not an error
@@ -39,7 +42,7 @@ def load_config(test_config: Mapping[str, Any] | None = None) -> Config:
     config.from_prefixed_env("PNEUMOSCAN")
     if test_config is not None:
         config.update(test_config)
-    for key in ("MAX_CONTENT_LENGTH", "MAX_FILES"):
+    for key in ("MAX_CONTENT_LENGTH", "MAX_FILES", "DECODE_CONCURRENCY"):
         value = config[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"PNEUMOSCAN_{key} must be a positive whole number, got {value!r}")
@@ -54,6 +57,9 @@ def load_config(test_config: Mapping[str, Any] | None = None) -> Config:
         except ValueError:
             raise ConfigError(f"PNEUMOSCAN_RATE_LIMIT must look like '60/minute' or '10/second;500/hour', "
                               f"got {config['RATE_LIMIT']!r}") from None
+    digest = config["MODEL_SHA256"]
+    if digest is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", str(digest)):
+        raise ConfigError(f"PNEUMOSCAN_MODEL_SHA256 must be 64 hexadecimal digits (a bundle digest), got {str(digest)[:80]!r}")
     if config["BACKEND"] not in ("auto", "onnxruntime", "torch"):
         raise ConfigError(f"PNEUMOSCAN_BACKEND must be auto, onnxruntime or torch, got {config['BACKEND']!r}")
     if not isinstance(config["ALLOW_TORCH_FALLBACK"], bool):

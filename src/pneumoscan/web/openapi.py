@@ -47,10 +47,15 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def openapi_spec(*, operating_points: list[str], max_files: int, max_bytes: int) -> dict[str, Any]:
     """The spec for one app: its model's operating points and its configured limits."""
     errors = {
-        "400": _json(_ERROR, "Malformed request (e.g. no file field) or a bad option (threshold, operating point)."),
-        "413": _json(_ERROR, f"Upload over {max_bytes} bytes, more than {max_files} files, or too many pixels."),
-        "415": _json(_ERROR, "No file is a JPEG, PNG or DICOM image."),
+        "400": _json(_ERROR, "Malformed request (no file field, a broken chunked body) or a bad option "
+                             "(threshold, operating point)."),
+        "408": _json(_ERROR, "The body did not arrive within the request deadline."),
+        "413": _json(_ERROR, f"Upload over {max_bytes} bytes, more than {max_files} files or too many other "
+                             "fields, or every image over the pixel or decoding-memory limit."),
+        "415": _json(_ERROR, "The body is not multipart/form-data, or no file is a JPEG, PNG or DICOM image."),
         "422": _json(_ERROR, "Every file is corrupt."),
+        "503": _json(_ERROR, "The server could not decode the images within the request deadline (busy); "
+                             "retry after the Retry-After seconds."),
     }
     return {
         "openapi": "3.0.3",

@@ -71,7 +71,7 @@ def run_gunicorn(*, model_dir: Path | None, host: str, port: int, workers: int |
     config = load_config()
     # Fail here, with a clear message, rather than inside every worker. No torch computation in
     # the master: OpenMP threads started before gunicorn forks would deadlock the workers.
-    verify_bundle(bundle, check_onnx=not config["ALLOW_TORCH_FALLBACK"])
+    verify_bundle(bundle, check_onnx=not config["ALLOW_TORCH_FALLBACK"], expected_digest=config["MODEL_SHA256"])
     if config["AUDIT_LOG"]:
         AuditLog(config["AUDIT_LOG"])  # an unwritable path fails now, not in every worker
     options: dict[str, Any] = {

@@ -13,6 +13,7 @@ from PIL import Image
 from pneumoscan.errors import InvalidImageError, PneumoscanError
 from pneumoscan.explain import heatmap, overlay, png_bytes
 from pneumoscan.inference import Predictor
+from pneumoscan.web.deadline import decode_slot
 
 
 class UploadError(PneumoscanError):
@@ -87,7 +88,8 @@ def predict_uploads(*, layers: bool = False) -> list[dict[str, Any]]:
         data = upload.read()
         digest = hashlib.sha256(data).hexdigest()
         try:
-            image = model.preprocessing.decode(data, name=name)
+            with decode_slot():
+                image = model.preprocessing.decode(data, name=name)
         except InvalidImageError as exc:
             results.append({"filename": name, "status": "error", "image_sha256": digest,
                             "error": {"code": exc.code, "message": str(exc)},

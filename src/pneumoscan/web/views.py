@@ -54,4 +54,4 @@ def readyz():
         return {"status": "loading"}, 503
     spec = predictor().spec
     return {"status": "ready", "model": spec.name, "weights_sha256": spec.weights_sha256,
-            "backend": predictor().backend}
+            "bundle_digest": predictor().digest, "backend": predictor().backend}
