@@ -1,6 +1,6 @@
 """Soak test: ``pneumoscan serve`` under mixed good and hostile requests for a bounded time.
 
-    python bench/soak.py [--data ../shared/data/chest_xray] [--minutes 10] [--clients 6]
+    python bench/soak.py [--data ../shared/data/chest_xray] [--minutes 10] [--clients 6] [--bursts 3]
 
 Starts its own server on 127.0.0.1 (as bench/load.py does). Each client sends, in a fixed
 rotation, good X-rays (4 in 5 requests) and hostile ones: an empty file, random bytes, a
@@ -9,6 +9,14 @@ and a request without a file. Prints, per minute: requests, p99 of the good requ
 wrong answers (a good X-ray with an error, a hostile request without its 4xx), and server
 memory (proportional set size of master and workers); then its growth from the first minute to
 the last. Goal: zero 5xx, memory growth under 10%.
+
+Then the decoding bombs (bench/bombs.py), in bursts of 8 sent together while two clients keep
+posting good X-rays: the tester's bombs (a 16-bit PNG, a progressive JPEG with 3,000 scans and a
+multi-frame JPEG-LS DICOM, all 8000 x 8000) and the most expensive files that still fit the
+decoding budget (the same kinds at 5600 x 5600, a 4000 x 4000 RGBA PNG, an 8000 x 8000 8-bit PNG).
+Prints per burst: the slowest answer, wrong answers, good requests served, and the server's peak
+PSS above its idle PSS (sampled every 50 ms). Goal (issue 16): every answer within 10 s, peak
+within 1 GB of idle, every good request served.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import uuid
 import zlib
 from pathlib import Path
 
+import bombs
 from load import PredictClient, ServedApp, _images, _multipart
 
 
@@ -96,6 +105,82 @@ def client(port: int, good: list[tuple[bytes, str]], hostile, started: float, de
     connection.close()
 
 
+def bomb_requests() -> list[tuple[str, bytes, str, int]]:
+    """(label, body, content type, expected status): refused from the header (413) or decoded (200)."""
+    import io
+
+    from PIL import Image
+
+    def png(image: Image.Image) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    ramp = Image.linear_gradient("L")
+    files = [
+        ("png16-8000", "bomb.png", bombs.png16(8000), 413),
+        ("progressive-3000-scans", "bomb.jpg", bombs.progressive_jpeg(8000, 3000), 413),
+        ("dicom-8-frames-8000", "bomb.dcm", bombs.multiframe_dicom(8000, 8), 413),
+        ("png16-5600", "big.png", bombs.png16(5600), 200),
+        ("progressive-5600-100-scans", "big.jpg", bombs.progressive_jpeg(5600, 100), 200),
+        ("dicom-8-frames-5600", "big.dcm", bombs.multiframe_dicom(5600, 8), 200),
+        ("rgba-4000", "big-rgba.png", png(ramp.resize((4000, 4000)).convert("RGBA")), 200),
+        ("grey-8000", "big-grey.png", png(ramp.resize((8000, 8000))), 200),
+    ]
+    return [(label, *_multipart(name, data), status) for label, name, data, status in files]
+
+
+def bomb_bursts(server: ServedApp, good: list[tuple[bytes, str]], rounds: int) -> bool:
+    """Send all bombs at once, ``rounds`` times, with good requests interleaved; print a table."""
+    requests = bomb_requests()
+    print(f"\ndecoding bombs: {len(requests)} sent together per burst, with 2 clients posting good X-rays")
+    header = f"{'burst':>5} {'slowest s':>10} {'wrong':>6} {'good ok':>8} {'idle PSS MB':>12} {'peak +MB':>9}"
+    print(header)
+    print("-" * len(header))
+    passed = True
+    for round_ in range(rounds):
+        time.sleep(3)
+        idle = server.rss_mb()
+        peak, answers, good_results = [idle], [], []
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak.append(server.rss_mb())
+                time.sleep(0.05)
+
+        def bomb(label: str, body: bytes, content_type: str, expected: int) -> None:
+            t0 = time.perf_counter()
+            status, _, _ = PredictClient(server.port).post(body, content_type)
+            answers.append((label, time.perf_counter() - t0, status == expected, status))
+
+        def good_client(offset: int) -> None:
+            connection, i = PredictClient(server.port), offset
+            while not done.is_set():
+                status, text, _ = connection.post(*good[i % len(good)])
+                good_results.append(status == 200 and b'"status":"error"' not in text)
+                i += 2
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        goods = [threading.Thread(target=good_client, args=(k,), daemon=True) for k in range(2)]
+        bombers = [threading.Thread(target=bomb, args=request, daemon=True) for request in requests]
+        for t in (sampler, *goods, *bombers):
+            t.start()
+        for t in bombers:
+            t.join()
+        done.set()
+        for t in (sampler, *goods):
+            t.join()
+        slowest = max(seconds for _, seconds, _, _ in answers)
+        wrong = [f"{label}->{status}" for label, _, ok, status in answers if not ok]
+        rise = max(peak) - idle
+        print(f"{round_ + 1:>5} {slowest:>10.2f} {len(wrong):>6} {sum(good_results):>4}/{len(good_results):<3} "
+              f"{idle:>12.0f} {rise:>9.0f}" + (f"  wrong: {wrong}" if wrong else ""))
+        passed &= slowest <= 10 and not wrong and all(good_results) and rise <= 1024
+    print("per bomb (last burst):", ", ".join(f"{label} {seconds:.1f} s" for label, seconds, _, _ in sorted(answers)))
+    return passed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="Kaggle-layout root: real test X-rays as the good requests")
@@ -104,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--workers", type=int, help="gunicorn workers (default: serve's, one per core)")
     parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--bursts", type=int, default=3, help="bursts of decoding bombs after the soak (0: none)")
     args = parser.parse_args(argv)
 
     images = _images(args.data)
@@ -124,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             rss[int((time.monotonic() - started) // 60)] = server.rss_mb()
         for t in threads:
             t.join()
+        bombs_passed = bomb_bursts(server, good, args.bursts) if args.bursts else True
         alive = server.process.poll() is None
 
     header = f"{'minute':>6} {'requests':>9} {'good p99 ms':>12} {'5xx':>5} {'wrong':>6} {'PSS MB':>8}"
@@ -140,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
           f"server alive at the end: {alive}; memory (PSS) {first:.0f} -> {last:.0f} MB ({(last - first) / first:+.1%})")
     if tally.wrong_kinds:
         print("wrong answers (request -> HTTP status):", tally.wrong_kinds)
-    return 0 if total["5xx"] == 0 and alive else 1
+    return 0 if total["5xx"] == 0 and alive and bombs_passed else 1
 
 
 if __name__ == "__main__":

@@ -173,6 +173,12 @@ def test_calibrate_rewrites_only_the_spec(tiny_bundle: Path, xray_root: Path, tm
     (tmp_path / "nosplit" / "split.csv").unlink()
     failed = run_cli("calibrate", "--data", str(xray_root), "--model", str(tmp_path / "nosplit"),
                      "--out", str(tmp_path / "x"))
+    assert failed.returncode == 2 and "split.csv is missing; refusing to load the bundle" in failed.stderr
+    from pneumoscan.integrity import write_manifest
+
+    write_manifest(tmp_path / "nosplit")  # a bundle written without its split list
+    failed = run_cli("calibrate", "--data", str(xray_root), "--model", str(tmp_path / "nosplit"),
+                     "--out", str(tmp_path / "x"))
     assert failed.returncode == 2 and "has no split.csv" in failed.stderr
 
 

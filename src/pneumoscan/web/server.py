@@ -30,6 +30,25 @@ class _Gunicorn(BaseApplication):
         return create_app()
 
 
+def _worker_started(server, worker) -> None:
+    """Large decode buffers go straight back to the system when freed.
+
+    glibc raises its mmap threshold after each large free (up to 32 MB), so the next image's
+    buffers come from the heap, and the worker keeps the peak of every burst of large uploads
+    (+100-270 MB of idle PSS per burst of decoding bombs, bench/soak.py). A fixed 1 MB threshold
+    turns that off; two arenas keep 8 threads from each growing its own heap.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def _worker_exit(server, worker) -> None:
     """A dead worker's gauges leave the multi-process metrics."""
     from prometheus_client import multiprocess
@@ -77,7 +96,7 @@ def run_gunicorn(*, model_dir: Path | None, host: str, port: int, workers: int |
     options: dict[str, Any] = {
         "bind": f"{host}:{port}", "workers": workers, "threads": threads,
         "worker_class": "gthread", "timeout": timeout, "accesslog": "-",
-        "preload_app": False,
+        "preload_app": False, "post_fork": _worker_started,
     }
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # /metrics must add up every worker, whichever one answers the scrape.
