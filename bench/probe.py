@@ -32,7 +32,7 @@ def pooled_features(backbone: str, samples: list, *, cache: Path, batch_size: in
     """``(N x F float32 features, seconds per image)``; cached by backbone, size and file list."""
     import torch
 
-    from pneumoscan.data import XrayDataset
+    from pneumoscan.dataset import XrayDataset
     from pneumoscan.imaging import Preprocessing
     from pneumoscan.models import PixelNetwork, backbone_info, create_classifier
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,7 @@ def xray_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(xray_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real one-epoch training run on the synthetic folder; returns the run directory."""
+    pytest.importorskip("torch", reason="training needs PyTorch (pneumoscan[train]); this is the light install")
     from pneumoscan.training import TrainConfig, train
 
     out = tmp_path_factory.mktemp("run")
@@ -80,8 +82,19 @@ def trained_run(xray_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(trained_run: Path) -> Path:
-    return trained_run / "bundle"
+def tiny_bundle(request: pytest.FixtureRequest) -> Path:
+    """The tiny trained bundle. The light install (no PyTorch, so no training) gets the one the
+    full run exported, with its ONNX graph, through ``PNEUMOSCAN_TEST_BUNDLE``."""
+    given = os.environ.get("PNEUMOSCAN_TEST_BUNDLE")
+    if given:
+        return Path(given)
+    bundle = request.getfixturevalue("trained_run") / "bundle"
+    keep = os.environ.get("PNEUMOSCAN_SAVE_TEST_BUNDLE")
+    if keep:
+        from pneumoscan.export import export_bundle_onnx
+
+        export_bundle_onnx(bundle, Path(keep))
+    return bundle
 
 
 @pytest.fixture()

@@ -202,10 +202,11 @@ def test_every_file_is_covered_and_the_digest_can_be_pinned(model: torch.nn.Modu
 
 
 def test_the_packaged_bundle_is_pinned_by_its_digest(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pneumoscan.models import bundle, bundle_digest, default_bundle_path
+    from pneumoscan import integrity
+    from pneumoscan.models import bundle_digest, default_bundle_path
 
-    assert bundle_digest(default_bundle_path()) == bundle.DEFAULT_BUNDLE_DIGEST
+    assert bundle_digest(default_bundle_path()) == integrity.DEFAULT_BUNDLE_DIGEST
     assert read_spec(default_bundle_path()).members >= 1
-    monkeypatch.setattr(bundle, "DEFAULT_BUNDLE_DIGEST", "0" * 64)  # as if its files and manifest were both edited
+    monkeypatch.setattr(integrity, "DEFAULT_BUNDLE_DIGEST", "0" * 64)  # as if its files and manifest were both edited
     with pytest.raises(BundleError, match="was expected"):
         read_spec(default_bundle_path())

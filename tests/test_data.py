@@ -9,7 +9,6 @@ import pytest
 
 from conftest import write_kaggle_layout
 from pneumoscan.data import (
-    XrayDataset,
     carve_validation,
     class_counts,
     collect_image_paths,
@@ -17,6 +16,7 @@ from pneumoscan.data import (
     read_split,
     scan_split,
 )
+from pneumoscan.dataset import XrayDataset
 from pneumoscan.errors import BundleError, ConfigError, DatasetError
 from pneumoscan.imaging import Preprocessing
 

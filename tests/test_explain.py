@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from conftest import image_bytes, make_xray
 from pneumoscan.cli import app
-from pneumoscan.explain import central_share, overlay
+from pneumoscan.heatmap import central_share, overlay
 from pneumoscan.inference import Predictor
 
 

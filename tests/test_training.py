@@ -147,7 +147,8 @@ def test_equalized_training_is_recorded_and_served_with_the_same_pixels(xray_roo
     from sklearn.metrics import roc_auc_score
 
     from pneumoscan.card import model_card
-    from pneumoscan.data import XrayDataset, scan_split
+    from pneumoscan.data import scan_split
+    from pneumoscan.dataset import XrayDataset
     from pneumoscan.imaging import Preprocessing, load_image
     from pneumoscan.inference import Predictor
 

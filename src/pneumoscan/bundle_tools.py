@@ -20,8 +20,7 @@ from pneumoscan.data import read_split
 from pneumoscan.errors import BundleError, ConfigError, DatasetError
 from pneumoscan.gate import GATE_FILE, FeatureGate
 from pneumoscan.inference import Predictor
-from pneumoscan.models import default_bundle_path, read_spec, rewrite_bundle
-from pneumoscan.models.bundle import sha256_file
+from pneumoscan.integrity import default_bundle_path, read_spec, rewrite_bundle, sha256_file
 from pneumoscan.spec import GateInfo
 
 #: The share of synthetic documents and screenshots a gate must refuse before fit-gate stops warning.

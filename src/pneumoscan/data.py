@@ -13,15 +13,12 @@ import io
 import random
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
-
-import torch
-from torch.utils.data import Dataset
+from typing import Iterable, Sequence
 
 from pneumoscan.errors import BundleError, ConfigError, DatasetError
-from pneumoscan.imaging import IMAGE_SUFFIXES, Preprocessing
+from pneumoscan.imaging import IMAGE_SUFFIXES
 
 CLASS_NAMES: tuple[str, str] = ("NORMAL", "PNEUMONIA")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -241,45 +238,6 @@ def read_split(bundle_dir: Path, data_root: Path, *, role: str = "val") -> list[
                                    "folder the model was trained on?")
             samples.append(Sample(path, CLASS_NAMES.index(row["label"]), row["patient_id"]))
     return samples
-
-
-# ---------------------------------------------------------------------------------------------
-# The training dataset
-
-
-@dataclass
-class XrayDataset(Dataset):
-    """Labelled images -> ``(uint8 1 x S x S tensor, label)``; normalisation happens in the model.
-
-    With ``cache=True`` each image is decoded and resized once and kept in memory (5,856 images at
-    224 px are ~300 MB), which matters on a 2-core machine where JPEG decoding would otherwise
-    compete with the network for the CPU every epoch.
-    """
-
-    samples: Sequence[Sample]
-    preprocessing: Preprocessing
-    augment: Callable[[torch.Tensor], torch.Tensor] | None = None
-    cache: bool = True
-    _cache: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def image(self, index: int) -> torch.Tensor:
-        """The resized uint8 image at ``index``, before augmentation."""
-        cached = self._cache.get(index)
-        if cached is not None:
-            return cached
-        pixels = torch.from_numpy(self.preprocessing.read(self.samples[index].path))
-        if self.cache:
-            self._cache[index] = pixels
-        return pixels
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        pixels = self.image(index)
-        if self.augment is not None:
-            pixels = self.augment(pixels)
-        return pixels, self.samples[index].label
 
 
 def collect_image_paths(paths: Iterable[str | Path]) -> list[Path]:

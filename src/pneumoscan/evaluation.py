@@ -50,7 +50,7 @@ def evaluate_folder(model_dir: Path | None, data_root: Path, split: str, out_dir
     """
     from pneumoscan.data import CLASS_NAMES, read_split, scan_split
     from pneumoscan.inference import Predictor
-    from pneumoscan.models import default_bundle_path
+    from pneumoscan.integrity import default_bundle_path
 
     predictor = Predictor.from_bundle(model_dir, tta=tta, backend=backend)
     if split == "validation":  # the bundle's own validation split (what it was tuned on)

@@ -2,7 +2,9 @@
 
 The exported graph is :class:`pneumoscan.models.PixelNetwork`: it takes what the preprocessing
 makes, uint8 ``B x 1 x S x S`` pixels, does the backbone's normalisation itself, and returns the
-uncalibrated log-odds of pneumonia and the pooled features the input gate measures.
+uncalibrated log-odds of pneumonia and the pooled features the input gate measures; for pool
+heads also ``cam``, each member's class activation map of the log-odds, so that serving draws
+heatmaps without PyTorch (:mod:`pneumoscan.heatmap`).
 :class:`pneumoscan.runtime.OnnxRunner` runs it.
 """
 
@@ -34,13 +36,18 @@ def export_onnx(model: Classifier | Ensemble, spec: BundleSpec, path: Path, *,
     Raises:
         ConfigError: the backbone has an operation the exporter cannot express.
     """
-    network = TorchRunner.for_bundle(model, spec, extractor=extractor).network
+    from pneumoscan.models import cam_weights
+
+    members = list(model.members) if isinstance(model, Ensemble) else [model]
+    with_cam = all(cam_weights(member) is not None for member in members)
+    network = TorchRunner.for_bundle(model, spec, extractor=extractor, with_cam=with_cam).network
     example = torch.zeros(2, 1, spec.input_size, spec.input_size, dtype=torch.uint8)
+    outputs = ["log_odds", "features", "cam"] if with_cam else ["log_odds", "features"]
     try:
         # The TorchScript-based exporter: one self-contained file, no onnxscript needed.
         torch.onnx.export(network, (example,), str(path), input_names=["pixels"],
-                          output_names=["log_odds", "features"], opset_version=OPSET,
-                          dynamic_axes={"pixels": {0: "batch"}, "log_odds": {0: "batch"}, "features": {0: "batch"}},
+                          output_names=outputs, opset_version=OPSET,
+                          dynamic_axes={"pixels": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
                           # Unfolded, batch norms stay apart from the (fp16-exact) convolution
                           # weights; ONNX Runtime fuses them itself when the session starts.
                           do_constant_folding=spec.weights_dtype != "float16", dynamo=False)
@@ -90,6 +97,24 @@ def parity(torch_runner: TorchRunner, spec: BundleSpec, runner: OnnxRunner, pixe
     return float(np.max(np.abs(expected - actual)))
 
 
+def cam_agreement(model: Classifier | Ensemble, spec: BundleSpec, runner: OnnxRunner,
+                  pixels: np.ndarray) -> dict[str, float]:
+    """The graph's heatmaps against the grad-cam package's on PyTorch, image by image: the lowest
+    Pearson correlation and the largest absolute difference of the [0, 1] maps."""
+    from pneumoscan.explain import explain
+    from pneumoscan.heatmap import cam_image
+
+    correlations, differences = [], []
+    for image, raw in zip(pixels, runner.cam(pixels)):
+        reference = explain(model, spec, image).cam
+        ours = cam_image(raw, spec.input_size)
+        differences.append(float(np.abs(ours - reference).max()))
+        if reference.std() > 0 and ours.std() > 0:
+            correlations.append(float(np.corrcoef(ours.ravel(), reference.ravel())[0, 1]))
+    return {"min_correlation": min(correlations, default=1.0), "max_abs_diff": max(differences),
+            "n_images": len(pixels)}
+
+
 def export_bundle_onnx(bundle_dir: Path | None, out_dir: Path | None = None, *,
                        real_images: Sequence[np.ndarray] = ()) -> OnnxInfo:
     """Export a bundle's network into ``out_dir`` (default: the bundle itself) as ``model.onnx``.
@@ -101,7 +126,7 @@ def export_bundle_onnx(bundle_dir: Path | None, out_dir: Path | None = None, *,
         ConfigError: the network cannot be exported, or the exported model disagrees with PyTorch.
     """
     from pneumoscan.models import default_bundle_path, load_bundle, load_gate_extractor, rewrite_bundle
-    from pneumoscan.models.bundle import sha256_file
+    from pneumoscan.integrity import sha256_file
 
     bundle_dir = bundle_dir or default_bundle_path()
     out_dir = out_dir or bundle_dir
@@ -121,8 +146,12 @@ def export_bundle_onnx(bundle_dir: Path | None, out_dir: Path | None = None, *,
         if worst > PARITY_TOLERANCE:
             raise ConfigError(f"the ONNX export of {spec.backbone} disagrees with PyTorch: probabilities differ "
                               f"by up to {worst:.2e} (limit {PARITY_TOLERANCE:.0e}); not written")
+        agreement = {}
+        if runner.has_cam:
+            sample = np.stack(list(real_images)[:16]) if real_images else random
+            agreement = {k: float(f"{v:.4g}") for k, v in cam_agreement(model, spec, runner, sample).items()}
         info = OnnxInfo(file=ONNX_FILE, sha256=sha256_file(onnx_path), opset=OPSET,
                         parity_max_abs_diff={k: float(f"{v:.3g}") for k, v in checks.items()},
-                        n_real_images=len(real_images))
+                        n_real_images=len(real_images), cam_agreement=agreement)
         rewrite_bundle(bundle_dir, spec.replace(onnx=info), out_dir, extra_files={ONNX_FILE: onnx_path})
     return info

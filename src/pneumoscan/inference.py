@@ -4,7 +4,9 @@
 (:class:`~pneumoscan.imaging.Preprocessing`), the network (a :mod:`~pneumoscan.runtime` runner),
 the input gate (:func:`pneumoscan.gate.screen`) and the decision (:class:`~pneumoscan.spec.Decision`).
 The CLI's ``predict`` and ``explain``, the web app and the bundle tools all call it; it never
-imports Lightning, training or the exporter.
+imports Lightning, training or the exporter, and on ONNX Runtime it never imports PyTorch: the
+network is built (from the bundle's weights) only when the PyTorch runner or the grad-cam path
+needs it.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from PIL import Image
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.gate import FeatureGate, screen
 from pneumoscan.imaging import Preprocessing
-from pneumoscan.models import Classifier, Ensemble, bundle_digest, default_bundle_path, load_bundle
-from pneumoscan.runtime import Runner, open_runner
+from pneumoscan.integrity import bundle_digest, default_bundle_path, verify_bundle
+from pneumoscan.runtime import Runner, open_runner, require_torch
 from pneumoscan.spec import BundleSpec, Decision
 
 if TYPE_CHECKING:
-    from pneumoscan.explain import Explanation
+    from pneumoscan.heatmap import Explanation
+    from pneumoscan.models import Classifier, Ensemble
 
 #: Decoded pixels ``predict_paths`` holds before it runs a batch (64 MB of 8-bit grey).
 MAX_PENDING_PIXELS = 64_000_000
@@ -60,13 +63,14 @@ class Predictor:
     """A loaded bundle: its preprocessing, network runner, input gate and decision.
 
     The network runs on ONNX Runtime when the bundle carries an exported model (and onnxruntime
-    is installed), on PyTorch otherwise; both give the same probabilities. Grad-CAM always runs
-    on the PyTorch network.
+    is installed), on PyTorch otherwise; both give the same probabilities. Heatmaps come from the
+    ONNX graph's ``cam`` output when it has one (pool heads), else from grad-cam on PyTorch.
     """
 
-    def __init__(self, model: Classifier | Ensemble, spec: BundleSpec, runner: Runner, *,
-                 gate: FeatureGate | None = None, tta: bool = False) -> None:
-        self.model = model.eval()
+    def __init__(self, model: "Classifier | Ensemble | None", spec: BundleSpec, runner: Runner, *,
+                 gate: FeatureGate | None = None, tta: bool = False, directory: Path | None = None) -> None:
+        self._model = model.eval() if model is not None else None
+        self.directory = directory  # where the network's weights are read from when first needed
         self.spec = spec
         self.runner = runner
         self.gate = gate
@@ -89,13 +93,27 @@ class Predictor:
             ConfigError: an unknown backend, or ``onnxruntime`` when it cannot be used.
         """
         directory = default_bundle_path() if path is None else Path(path)
-        model, spec = load_bundle(directory, check_onnx=False,  # open_runner checks the ONNX file
-                                  expected_digest=expected_digest)
+        spec = verify_bundle(directory, check_onnx=False,  # open_runner checks the ONNX file
+                             expected_digest=expected_digest)
         gate = FeatureGate.load(directory / spec.gate.file) if spec.gate is not None else None
-        runner = open_runner(directory, spec, model, backend=backend, allow_torch_fallback=allow_torch_fallback)
-        predictor = cls(model, spec, runner, gate=gate, tta=tta)
+        runner = open_runner(directory, spec, backend=backend, allow_torch_fallback=allow_torch_fallback)
+        predictor = cls(getattr(runner, "model", None), spec, runner, gate=gate, tta=tta, directory=directory)
         predictor.digest = bundle_digest(directory)
         return predictor
+
+    @property
+    def model(self) -> "Classifier | Ensemble":
+        """The PyTorch network, built from the bundle's weights on first use.
+
+        Raises:
+            ConfigError: PyTorch is not installed.
+        """
+        if self._model is None:
+            require_torch("the PyTorch network (--backend torch, grad-cam heatmaps)")
+            from pneumoscan.models import load_bundle
+
+            self._model = load_bundle(self.directory, check_onnx=False)[0]
+        return self._model
 
     @property
     def backend(self) -> str:
@@ -186,13 +204,20 @@ class Predictor:
             flush()
         return [r for r in results if r is not None]
 
-    def explain(self, image: Image.Image, *, target: int = 1) -> "Explanation":
-        """Grad-CAM of class ``target`` (PNEUMONIA by default) at the model's input size.
+    def explain(self, image: Image.Image) -> "Explanation":
+        """The heatmap of the log-odds (PNEUMONIA minus NORMAL) at the model's input size: the
+        ONNX graph's class activation map when it has one, else grad-cam on PyTorch.
 
         Raises:
-            ConfigError: the bundle names no Grad-CAM layer, or its layer gives no spatial map.
+            ConfigError: the bundle names no Grad-CAM layer, or PyTorch is needed and missing.
         """
-        from pneumoscan.explain import explain
+        from pneumoscan.heatmap import cam_image, explanation
 
+        pixels = self.preprocessing.pixels(image)
         with self._lock:
-            return explain(self.model, self.spec, self.preprocessing.pixels(image), target=target)
+            if getattr(self.runner, "has_cam", False):
+                return explanation(cam_image(self.runner.cam(pixels[None])[0], self.spec.input_size))
+            require_torch(f"a heatmap for this bundle (its {'ONNX graph has no CAM output' if self.spec.onnx else 'network is not exported'})")
+            from pneumoscan.explain import explain
+
+            return explain(self.model, self.spec, pixels)

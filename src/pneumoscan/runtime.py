@@ -8,6 +8,7 @@ uncalibrated logit of pneumonia and the features the input gate measures. Both r
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -24,6 +25,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "onnxruntime", "torch")
+#: What installs PyTorch and the rest of the training stack.
+TRAIN_EXTRA = "pip install 'pneumoscan[train]'"
+
+
+def require_torch(what: str) -> None:
+    """Raises:
+        ConfigError: PyTorch is not installed (the light install); the message names the extra.
+    """
+    if importlib.util.find_spec("torch") is None:
+        raise ConfigError(f"{what} needs PyTorch, which this install does not have: {TRAIN_EXTRA}")
 
 
 class Runner(Protocol):
@@ -78,9 +89,17 @@ class OnnxRunner:
         except Exception as exc:
             raise BundleError(f"{path} is not a usable ONNX model: {str(exc).splitlines()[0]}") from None
 
+        self.has_cam = "cam" in {output.name for output in self.session.get_outputs()}
+
     def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        log_odds, features = self.session.run(None, {"pixels": np.ascontiguousarray(pixels, dtype=np.uint8)})
+        log_odds, features = self.session.run(["log_odds", "features"],
+                                              {"pixels": np.ascontiguousarray(pixels, dtype=np.uint8)})
         return log_odds.astype(np.float64), features
+
+    def cam(self, pixels: np.ndarray) -> np.ndarray:
+        """Each member's raw class activation map of the log-odds (``B x K x h x w``; graphs
+        exported with a pool head only, see :attr:`has_cam`)."""
+        return self.session.run(["cam"], {"pixels": np.ascontiguousarray(pixels, dtype=np.uint8)})[0]
 
 
 class TorchRunner:
@@ -90,47 +109,51 @@ class TorchRunner:
 
     def __init__(self, network: "PixelNetwork") -> None:
         self.network = network.eval()
+        self.model = network.net
 
     @classmethod
     def for_bundle(cls, model: "Classifier | Ensemble", spec: BundleSpec, *,
-                   extractor: "Classifier | None" = None) -> "TorchRunner":
+                   extractor: "Classifier | None" = None, with_cam: bool = False) -> "TorchRunner":
         """The runner of a bundle's network (and of its gate's extractor, if it has one)."""
         from pneumoscan.models import PixelNetwork, backbone_info
 
         info = backbone_info(spec.gate.extractor) if extractor is not None and spec.gate is not None else None
         return cls(PixelNetwork(model.eval(), spec.mean, spec.std, extractor=extractor,
                                 extractor_mean=info.mean if info else None,
-                                extractor_std=info.std if info else None))
+                                extractor_std=info.std if info else None, with_cam=with_cam))
 
     def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
         with torch.inference_mode():
-            log_odds, features = self.network(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.uint8)))
+            log_odds, features = self.network(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.uint8)))[:2]
         return log_odds.double().numpy(), features.numpy()
 
 
-def open_runner(directory: Path, spec: BundleSpec, model: "Classifier | Ensemble", *, backend: str = "auto",
-                allow_torch_fallback: bool = False) -> Runner:
+def open_runner(directory: Path, spec: BundleSpec, model: "Classifier | Ensemble | None" = None, *,
+                backend: str = "auto", allow_torch_fallback: bool = False) -> Runner:
     """The runner ``backend`` asks for: ``onnxruntime``, ``torch``, or ``auto`` (ONNX Runtime when
     the bundle has an exported graph and onnxruntime is installed, PyTorch otherwise).
 
     With ``allow_torch_fallback``, an ONNX file that is tampered or unusable gives a warning and
-    the PyTorch runner; without it, an error.
+    the PyTorch runner; without it, an error. ``model`` is the bundle's network if already built;
+    the PyTorch runner builds it otherwise (only it imports torch).
 
     Raises:
-        ConfigError: an unknown backend, or ``onnxruntime`` when the bundle has no ONNX model or
-            onnxruntime is not installed.
+        ConfigError: an unknown backend, ``onnxruntime`` when the bundle has no ONNX model or
+            onnxruntime is not installed, or the PyTorch runner without PyTorch installed.
         BundleError: the ONNX file is tampered or unusable, and fallback is not allowed.
     """
     if backend not in BACKENDS:
         raise ConfigError(f"unknown inference backend '{backend}'; choose one of {', '.join(BACKENDS)}")
 
     def torch_runner() -> TorchRunner:
-        # The gate's extractor is read only here: the ONNX graph already holds it.
-        from pneumoscan.models import load_gate_extractor
+        # The network and the gate's extractor are built only here: the ONNX graph holds both.
+        require_torch(f"running {directory} on PyTorch" + ("" if spec.onnx else " (it has no ONNX model)"))
+        from pneumoscan.models import load_bundle, load_gate_extractor
 
-        return TorchRunner.for_bundle(model, spec, extractor=load_gate_extractor(directory, spec))
+        network = model if model is not None else load_bundle(directory, check_onnx=False)[0]
+        return TorchRunner.for_bundle(network, spec, extractor=load_gate_extractor(directory, spec))
 
     if backend == "torch":
         return torch_runner()
@@ -144,7 +167,7 @@ def open_runner(directory: Path, spec: BundleSpec, model: "Classifier | Ensemble
         if backend == "onnxruntime":
             raise ConfigError("the onnxruntime backend needs the onnxruntime package (pip install onnxruntime)") from None
         return torch_runner()
-    from pneumoscan.models import verify_part
+    from pneumoscan.integrity import verify_part
 
     try:
         verify_part(directory, spec.onnx)

@@ -99,6 +99,10 @@ class OnnxInfo:
     opset: int = 0
     parity_max_abs_diff: Mapping[str, float] = field(default_factory=dict)
     n_real_images: int = 0
+    # The graph's ``cam`` output (pool heads) against the grad-cam package on PyTorch, on the
+    # parity images: lowest Pearson correlation and largest difference of the [0, 1] maps.
+    # Empty when the graph has no CAM output (other heads, or exported before it existed).
+    cam_agreement: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pneumoscan.models.bundle import (
     verify_bundle,
     verify_part,
 )
-from pneumoscan.models.network import HEADS, Classifier, Ensemble, PixelNetwork, normalize, pooled
+from pneumoscan.models.network import HEADS, Classifier, Ensemble, PixelNetwork, cam_weights, normalize, pooled
 from pneumoscan.models.registry import (
     backbone_info,
     create_classifier,
@@ -31,6 +31,7 @@ __all__ = [
     "pooled",
     "backbone_info",
     "bundle_digest",
+    "cam_weights",
     "create_classifier",
     "default_bundle_path",
     "list_backbones",

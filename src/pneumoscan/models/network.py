@@ -113,7 +113,7 @@ class PixelNetwork(nn.Module):
 
     def __init__(self, net: Classifier | Ensemble, mean: Sequence[float], std: Sequence[float], *,
                  extractor: Classifier | None = None, extractor_mean: Sequence[float] | None = None,
-                 extractor_std: Sequence[float] | None = None) -> None:
+                 extractor_std: Sequence[float] | None = None, with_cam: bool = False) -> None:
         super().__init__()
         self.net = net
         self.extractor = extractor
@@ -124,23 +124,47 @@ class PixelNetwork(nn.Module):
         for name, value in (("mean_t", mean), ("std_t", std),
                             ("extractor_mean_t", extractor_mean), ("extractor_std_t", extractor_std)):
             self.register_buffer(name, torch.tensor(value, dtype=torch.float32), persistent=False)
+        self.with_cam = with_cam
+        if with_cam and not all(cam_weights(member) is not None for member in _members(net)):
+            raise ConfigError("a class activation map needs the pool head (global average pool, then linear)")
 
     def gate_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """The extractor's pooled features alone (fitting a gate needs no log-odds)."""
         assert self.extractor is not None, "no gate extractor"
         return pooled(self.extractor.forward_features(normalize(pixels, self.extractor_mean_t, self.extractor_std_t)))
 
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = normalize(pixels, self.mean_t, self.std_t)
+        members = _members(self.net)
+        feature_maps = [member.forward_features(x) for member in members]
+        logits = torch.stack([m.forward_head(f) for m, f in zip(members, feature_maps)]).mean(dim=0)
         if self.extractor is not None:
-            logits = self.net(x)
             x_gate = x if self.shared_input else normalize(pixels, self.extractor_mean_t, self.extractor_std_t)
             features = pooled(self.extractor.forward_features(x_gate))
-        elif isinstance(self.net, Ensemble):
-            logits = self.net(x)
-            features = pooled(self.net.members[0].forward_features(x))
         else:
-            feature_map = self.net.forward_features(x)
-            logits = self.net.forward_head(feature_map)
-            features = pooled(feature_map)
-        return logits[:, 1] - logits[:, 0], features
+            features = pooled(feature_maps[0])
+        log_odds = logits[:, 1] - logits[:, 0]
+        if not self.with_cam:
+            return log_odds, features
+        # Each member's class activation map of the log-odds, before ReLU and scaling:
+        # sum over channels of (W[PNEUMONIA] - W[NORMAL]) x feature map (B x K x h x w).
+        cams = [torch.einsum("bchw,c->bhw", f, cam_weights(m)) for m, f in zip(members, feature_maps)]
+        return log_odds, features, torch.stack(cams, dim=1)
+
+
+def _members(net: Classifier | Ensemble) -> list[Classifier]:
+    return list(net.members) if isinstance(net, Ensemble) else [net]
+
+
+def cam_weights(member: Classifier) -> torch.Tensor | None:
+    """``W[PNEUMONIA] - W[NORMAL]`` of a pool head's linear layer (``C``), or None for other heads.
+
+    For global average pooling then a linear layer, the channel weights of Grad-CAM of the
+    log-odds are exactly these (divided by h x w, which the normalisation removes).
+    """
+    layers = list(member.head) if isinstance(member.head, nn.Sequential) else []
+    kinds = [type(layer) for layer in layers]
+    if kinds != [nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Linear]:
+        return None
+    weight = layers[-1].weight
+    return weight[1] - weight[0]

@@ -16,7 +16,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler, WeightedRandomSampler
 from torchvision.transforms import v2
 
-from pneumoscan.data import Split, XrayDataset, carve_validation, class_counts, scan_split
+from pneumoscan.data import Split, carve_validation, class_counts, scan_split
+from pneumoscan.dataset import XrayDataset
 from pneumoscan.errors import DatasetError
 from pneumoscan.imaging import Preprocessing
 from pneumoscan.training.config import Augmentation, TrainConfig

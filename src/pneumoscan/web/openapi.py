@@ -35,6 +35,8 @@ _RESULT = {
         "gradcam_png": {"type": "string", "format": "byte", "description": "Base64 PNG overlay."},
         "gradcam_central_share": {"type": "number", "minimum": 0, "maximum": 1},
         "gradcam_shortcut_warning": {"type": "boolean"},
+        "explain_error": {"type": "string", "description": "Why no heatmap could be drawn (e.g. a bundle "
+                                                           "exported without a CAM output, served without PyTorch)."},
         "error": _ERROR["properties"]["error"],
     },
 }

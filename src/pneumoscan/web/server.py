@@ -12,7 +12,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from pneumoscan.models import default_bundle_path, verify_bundle
+from pneumoscan.integrity import default_bundle_path, verify_bundle
 
 
 class _Gunicorn(BaseApplication):

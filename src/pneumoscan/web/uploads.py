@@ -11,7 +11,7 @@ from flask import current_app, g, request
 from PIL import Image
 
 from pneumoscan.errors import InvalidImageError, PneumoscanError
-from pneumoscan.explain import heatmap, overlay, png_bytes
+from pneumoscan.heatmap import heatmap, overlay, png_bytes
 from pneumoscan.inference import Predictor
 from pneumoscan.web.deadline import decode_slot
 
@@ -110,7 +110,12 @@ def predict_uploads(*, layers: bool = False) -> list[dict[str, Any]]:
             "operating_point": result.operating_point,
         }
         if explain:
-            explanation = model.explain(image)
+            try:
+                explanation = model.explain(image)
+            except PneumoscanError as exc:  # e.g. a bundle without a CAM output, served without PyTorch
+                entry["explain_error"] = str(exc)
+                results.append(entry)
+                continue
             square = Image.fromarray(model.preprocessing.pixels(image)[0])  # exactly what the model saw
             if layers:
                 entry["xray_png"] = _png_base64(square)
