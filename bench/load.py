@@ -154,9 +154,9 @@ class ServedApp:
     """``pneumoscan serve`` on a free loopback port, from /readyz to SIGTERM (a context manager)."""
 
     def __init__(self, *, model: Path | None = None, workers: int | None = None, threads: int = 8,
-                 backend: str = "auto", extra: list[str] | None = None) -> None:
+                 backend: str = "auto", extra: list[str] | None = None, python: str = sys.executable) -> None:
         self.port = _free_port()
-        self.command = [sys.executable, "-m", "pneumoscan", "serve", "--port", str(self.port),
+        self.command = [python, "-m", "pneumoscan", "serve", "--port", str(self.port),
                         "--threads", str(threads), "--backend", backend, *(extra or [])]
         if workers is not None:
             self.command += ["--workers", str(workers)]

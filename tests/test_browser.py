@@ -31,7 +31,7 @@ def live_server(tiny_bundle: Path, tmp_path: Path):
     """The app on a free loopback port, with three distinct operating points so switching shows."""
     from werkzeug.serving import make_server
 
-    from pneumoscan.models import read_spec, rewrite_bundle
+    from pneumoscan.integrity import read_spec, rewrite_bundle
     from pneumoscan.web import create_app
 
     spec = read_spec(tiny_bundle)

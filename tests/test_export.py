@@ -124,3 +124,26 @@ def test_the_web_app_serves_with_onnxruntime(onnx_bundle: Path) -> None:
     assert app.test_client().get("/readyz").get_json()["backend"] == "onnxruntime"
     app = create_app({"TESTING": True, "MODEL_DIR": str(onnx_bundle), "BACKEND": "torch"})
     assert app.test_client().get("/readyz").get_json()["backend"] == "torch"
+
+
+def test_the_graph_draws_the_heatmap_grad_cam_draws(onnx_bundle: Path, xray_root: Path) -> None:
+    """For the pool head, the graph's class activation map of the log-odds is Grad-CAM at the
+    last feature map: the same map, without gradients and without PyTorch at serving time."""
+    from pneumoscan.explain import explain
+    from pneumoscan.imaging import Preprocessing
+    from pneumoscan.inference import Predictor
+    from pneumoscan.models import read_spec
+
+    spec = read_spec(onnx_bundle)
+    agreement = spec.onnx.cam_agreement
+    assert agreement["n_images"] > 0 and agreement["min_correlation"] > 0.99
+    predictor = Predictor.from_bundle(onnx_bundle)
+    assert predictor.runner.has_cam
+    for path in sorted((xray_root / "test" / "PNEUMONIA").iterdir())[:3]:
+        image = Preprocessing(spec.input_size).load(path)
+        ours = predictor.explain(image).cam
+        reference = explain(predictor.model, spec, predictor.preprocessing.pixels(image)).cam
+        assert ours.shape == reference.shape == (spec.input_size, spec.input_size)
+        assert np.abs(ours - reference).max() < 0.1
+        if reference.std() > 0:  # all-zero when no location argues for pneumonia: then both are
+            assert np.corrcoef(ours.ravel(), reference.ravel())[0, 1] > 0.99

@@ -130,7 +130,7 @@ def test_model_card_page_and_recorded_evaluation(tiny_bundle: Path, xray_root: P
     from typer.testing import CliRunner
 
     from pneumoscan.cli import app as cli
-    from pneumoscan.models import read_spec, verify_bundle
+    from pneumoscan.integrity import read_spec, verify_bundle
     from pneumoscan.web import create_app
 
     bundle = tmp_path / "bundle"
@@ -156,7 +156,7 @@ def test_model_card_page_and_recorded_evaluation(tiny_bundle: Path, xray_root: P
 
 def test_a_pinned_bundle_digest_is_enforced(tiny_bundle: Path) -> None:
     from pneumoscan.errors import BundleError
-    from pneumoscan.models import bundle_digest
+    from pneumoscan.integrity import bundle_digest
     from pneumoscan.web import create_app
 
     digest = bundle_digest(tiny_bundle)

@@ -34,7 +34,7 @@ WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
 #: The digest (manifest sha256) of the packaged default bundle: editing its files and its manifest
 #: together is caught too. Updated whenever the default bundle is rewritten.
-DEFAULT_BUNDLE_DIGEST = "6f7e32a80125d94de154f4d22d0ad459f343b6cee1ba9860f336827817567eda"
+DEFAULT_BUNDLE_DIGEST = "0fcaa86a39dace9e420bc0015788a84e3224cd06c08a40894494600b4e42467c"
 _FORMAT = 1
 
 
