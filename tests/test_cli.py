@@ -251,3 +251,15 @@ def test_seal_a_bundle_from_before_manifests(tiny_bundle: Path, tmp_path: Path) 
     sealed = run_cli("seal", "--model", str(old))
     assert sealed.returncode == 0 and "digest" in sealed.stdout
     assert run_cli("predict", "--model", str(old), str(tiny_bundle / "model.json")).returncode == 1  # not an image: a per-file error
+
+
+def test_version_and_bare_invocation() -> None:
+    from pneumoscan import __version__
+
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"pneumoscan {__version__}"
+    bare = run_cli()
+    assert bare.returncode == 0 and "Usage: " in bare.stdout and "predict" in bare.stdout
+    lines = run_cli("predict", "--help").stdout.splitlines()
+    flags = [line for line in lines if "--tta" in line or "--no-gate" in line]
+    assert len(flags) == 2 and not any("<bool>" in line for line in flags)  # flags take no value

@@ -68,6 +68,12 @@ print(json.dumps({"result": body["results"][0], "page": page.status_code,
     assert out["torch"] == [] and out["page"] == 200
     assert out["result"]["status"] == "ok" and out["result"]["gradcam_png"]
     assert 0 <= out["result"]["gradcam_central_share"] <= 1
+    # the same answer as this process gives (the full install, when torch is here)
+    from pneumoscan.inference import Predictor
+
+    predictor = Predictor.from_bundle(exported_bundle)
+    here = predictor.predict([predictor.preprocessing.decode(image.read_bytes())])[0]
+    assert abs(here.probability - out["result"]["probability_pneumonia"]) < 1e-6
 
 
 def test_predict_and_evaluate_cli_without_torch(exported_bundle: Path, xray_root: Path, tmp_path: Path) -> None:

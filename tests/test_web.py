@@ -211,3 +211,12 @@ def test_readyz_and_request_ids(client, app) -> None:
     assert client.get("/healthz", headers={"X-Request-ID": "abc-123"}).headers["X-Request-ID"] == "abc-123"
     hostile = client.get("/healthz", headers={"X-Request-ID": "x\x7f<script>"}).headers["X-Request-ID"]
     assert hostile != "x\x7f<script>" and len(hostile) == 32
+
+
+def test_favicon(client) -> None:
+    from PIL import Image
+
+    response = client.get("/favicon.ico")
+    assert response.status_code == 200
+    assert Image.open(io.BytesIO(response.data)).format == "ICO"
+    assert 'rel="icon"' in client.get("/").get_data(as_text=True)

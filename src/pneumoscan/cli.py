@@ -17,16 +17,33 @@ import typer
 
 from pneumoscan.errors import PneumoscanError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Pneumonia detection on chest X-rays: train, evaluate, predict, serve.")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from pneumoscan import __version__
+
+        typer.echo(f"pneumoscan {__version__}")
+        raise typer.Exit()
+
+
+@app.callback(invoke_without_command=True)
+def _root(context: typer.Context, version: Annotated[bool, typer.Option(
+        "--version", metavar="", is_eager=True, callback=_show_version, help="Print the version and exit.")] = False) -> None:
+    """Pneumonia detection on chest X-rays: train, evaluate, predict, serve."""
+    if context.invoked_subcommand is None:  # bare ``pneumoscan``: the help, and success
+        typer.echo(context.get_help())
+        raise typer.Exit()
 
 ModelOption = Annotated[Optional[Path], typer.Option(
     "--model", help="Model bundle directory (default: the bundled model).")]
 OperatingPointOption = Annotated[Optional[str], typer.Option(
     help="balanced (default), high_sensitivity or high_specificity: thresholds chosen on validation.")]
-TtaOption = Annotated[bool, typer.Option("--tta", help="Average each image's logits with its mirror image.")]
+TtaOption = Annotated[bool, typer.Option("--tta", metavar="", help="Average each image's logits with its mirror image.")]
 NoGateOption = Annotated[bool, typer.Option(
-    "--no-gate", help="Do not apply the bundle's input gate (its reasons are still reported).")]
+    "--no-gate", metavar="", help="Do not apply the bundle's input gate (its reasons are still reported).")]
 BackendOption = Annotated[str, typer.Option(
     envvar="PNEUMOSCAN_BACKEND",
     help="auto (ONNX Runtime when the bundle has an ONNX model, else PyTorch), onnxruntime or torch.")]
@@ -48,7 +65,7 @@ def evaluate(
     operating_point: OperatingPointOption = None,
     tta: TtaOption = False,
     record: Annotated[bool, typer.Option(
-        "--record", help="Also store the figures in the bundle's model.json (shown on its model card).")] = False,
+        "--record", metavar="", help="Also store the figures in the bundle's model.json (shown on its model card).")] = False,
     backend: BackendOption = "auto",
     site_folds: Annotated[Optional[int], typer.Option(
         help="Also report site-calibrated figures, cross-fitted over this many stratified folds "
@@ -214,7 +231,7 @@ def serve(
         help="Append a JSON-lines audit record per image to this file (off by default; env PNEUMOSCAN_AUDIT_LOG).")] = None,
     backend: BackendOption = "auto",
     allow_torch_fallback: Annotated[bool, typer.Option(
-        "--allow-torch-fallback", envvar="PNEUMOSCAN_ALLOW_TORCH_FALLBACK",
+        "--allow-torch-fallback", envvar="PNEUMOSCAN_ALLOW_TORCH_FALLBACK", metavar="",
         help="Serve with PyTorch (and a warning) when the bundle's ONNX model is tampered or unusable.")] = False,
     model_sha256: Annotated[Optional[str], typer.Option(
         "--model-sha256", envvar="PNEUMOSCAN_MODEL_SHA256",

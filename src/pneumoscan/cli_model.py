@@ -40,13 +40,14 @@ def _register_train() -> None:
         if type(None) in typing.get_args(kind):  # "int | None" -> Optional[int], which typer reads
             kind = Optional[next(t for t in typing.get_args(kind) if t is not type(None))]
         required = opt.default is dataclasses.MISSING
-        info = typer.Option(*opt.flags, help=opt.help, show_default=not required)
+        flag = {"metavar": ""} if kind is bool else {}  # a flag takes no value: no "<bool>" in the help
+        info = typer.Option(*opt.flags, help=opt.help, show_default=not required, **flag)
         parameters.append(inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY,
                                             default=... if required else opt.default,
                                             annotation=Annotated[kind, info]))
     parameters.append(inspect.Parameter(
         "no_augment", inspect.Parameter.KEYWORD_ONLY, default=False,
-        annotation=Annotated[bool, typer.Option("--no-augment", help="Switch all augmentation off.")]))
+        annotation=Annotated[bool, typer.Option("--no-augment", help="Switch all augmentation off.", metavar="")]))
 
     def train(**values: Any) -> None:
         _train(**values)

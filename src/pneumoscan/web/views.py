@@ -41,6 +41,12 @@ def model_card_page():
     return render_template("model.html", card=model_card(predictor().spec), metric_names=CARD_METRICS)
 
 
+@bp.get("/favicon.ico")
+def favicon():
+    """Browsers ask for it at the root whatever the page says (a 404 in every log before)."""
+    return current_app.send_static_file("favicon.ico")
+
+
 @bp.get("/healthz")
 def healthz():
     """The process is alive (the model was loaded when the app was created)."""
