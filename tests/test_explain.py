@@ -56,7 +56,11 @@ def test_explain_cli_writes_overlays(tiny_bundle: Path, xray_root: Path, tmp_pat
     assert result.exit_code == 0, result.output
     written = sorted(tmp_path.glob("*.gradcam.png"))
     assert len(written) == 6 and "of the heatmap on the chest" in result.output
-    assert Image.open(written[0]).mode == "RGB"
+    png = Image.open(written[0])
+    source = Image.open(xray_root / "test" / "NORMAL" / written[0].name.replace(".gradcam.png", ".jpeg"))
+    # the overlay keeps the film's own size and aspect ratio; a caption strip (label, probability,
+    # threshold, colour scale) is added below it
+    assert png.mode == "RGB" and png.width == max(source.width, 320) and png.height > source.height
 
 
 def test_api_explain_returns_a_png(client) -> None:

@@ -179,7 +179,7 @@ def explain(
     could not be read.
     """
     from pneumoscan.data import collect_image_paths
-    from pneumoscan.heatmap import overlay
+    from pneumoscan.heatmap import captioned, overlay
     from pneumoscan.inference import Predictor
 
     if not 0.0 <= opacity <= 1.0:
@@ -203,7 +203,9 @@ def explain(
             continue
         explanation = predictor.explain(image)
         target = out / f"{path.stem}.gradcam.png"
-        overlay(image, explanation.cam, opacity=opacity).save(target)
+        caption = (f"{result.label}   P(pneumonia) {result.probability:.3f}   "
+                   f"threshold {result.threshold:.3f} ({result.operating_point})")
+        captioned(overlay(image, explanation.cam, opacity=opacity), caption).save(target)
         warning = "  WARNING: heatmap mostly outside the chest" if explanation.shortcut_warning else ""
         typer.echo(f"{path}: {result.label} p={result.probability:.3f}, "
                    f"{explanation.central_share:.0%} of the heatmap on the chest -> {target}{warning}")

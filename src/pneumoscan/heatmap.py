@@ -88,6 +88,28 @@ def overlay(image: Image.Image, cam: np.ndarray, *, opacity: float = 0.4) -> Ima
     return Image.fromarray(((1.0 - opacity) * grey + opacity * colours).round().clip(0, 255).astype(np.uint8))
 
 
+def captioned(image: Image.Image, caption: str) -> Image.Image:
+    """``image`` with a strip below it: ``caption`` and the colour scale (low to high evidence)."""
+    from PIL import ImageDraw, ImageFont
+
+    width = max(image.width, 320)
+    font = ImageFont.load_default(size=max(12, width // 40))
+    line = font.getbbox("Ag")[3] + 6
+    strip = Image.new("RGB", (width, 2 * line + 16), (20, 20, 20))
+    draw = ImageDraw.Draw(strip)
+    draw.text((8, 4), caption, fill=(255, 255, 255), font=font)
+    x = 8 + int(draw.textlength("heatmap: low ", font=font))
+    room = width - x - int(draw.textlength("high evidence for pneumonia", font=font)) - 24
+    scale = _jet(np.linspace(0, 1, max(24, min(room, width // 3)))[None, :].repeat(line - 6, axis=0))
+    draw.text((8, line + 6), "heatmap: low", fill=(200, 200, 200), font=font)
+    strip.paste(Image.fromarray(scale), (x + 4, line + 8))
+    draw.text((x + 12 + scale.shape[1], line + 6), "high evidence for pneumonia", fill=(200, 200, 200), font=font)
+    out = Image.new("RGB", (width, image.height + strip.height), (20, 20, 20))
+    out.paste(image.convert("RGB"), (0, 0))
+    out.paste(strip, (0, image.height))
+    return out
+
+
 def png_bytes(image: Image.Image) -> bytes:
     """Encode a PIL image as PNG."""
     buffer = io.BytesIO()
