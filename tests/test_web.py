@@ -220,3 +220,31 @@ def test_favicon(client) -> None:
     assert response.status_code == 200
     assert Image.open(io.BytesIO(response.data)).format == "ICO"
     assert 'rel="icon"' in client.get("/").get_data(as_text=True)
+
+
+def test_coinciding_operating_points_are_offered_once() -> None:
+    from pneumoscan.web.views import point_choices
+
+    points = {"balanced": 0.743, "high_sensitivity": 0.453, "high_specificity": 0.743}
+    assert point_choices(points, "balanced") == [("balanced", "balanced / high specificity", 0.743),
+                                                  ("high_sensitivity", "high sensitivity", 0.453)]
+    assert len(point_choices({"balanced": 0.265, "high_sensitivity": 0.265, "high_specificity": 0.265}, "balanced")) == 1
+
+
+def test_the_selectors_disappear_when_every_point_coincides(tiny_bundle: Path, tmp_path: Path) -> None:
+    from pneumoscan.integrity import read_spec, rewrite_bundle
+    from pneumoscan.web import create_app
+
+    spec = read_spec(tiny_bundle)
+    same = {name: 0.5 for name in spec.decision.points}
+    from dataclasses import replace
+
+    rewrite_bundle(tiny_bundle, spec.replace(decision=replace(spec.decision, threshold=0.5, operating_points=same)),
+                   tmp_path / "same")
+    client = create_app({"TESTING": True, "MODEL_DIR": str(tmp_path / "same"), "WTF_CSRF_ENABLED": False}).test_client()
+    page = client.post("/", data={"file": [(io.BytesIO(image_bytes(make_xray(3))), "x.png")]},
+                       content_type="multipart/form-data").get_data(as_text=True)
+    assert 'id="operating_point"' not in page and 'class="card-operating-point"' not in page
+    assert "P(pneumonia)" in page
+    model_page = client.get("/model").get_data(as_text=True)
+    assert "balanced / high sensitivity / high specificity" in model_page

@@ -13,10 +13,25 @@ bp = Blueprint("views", __name__)
 CARD_METRICS = ("accuracy", "roc_auc", "sensitivity", "specificity", "f1_weighted", "ppv", "npv")
 
 
+def point_choices(points: dict[str, float], default: str) -> list[tuple[str, str, float]]:
+    """Operating points with the same threshold merged into one choice: ``(name, label, threshold)``.
+
+    A selector whose entries coincide does nothing (the shipped model's balanced and
+    high-specificity points are both 0.743), so the page offers each distinct threshold once,
+    named by every point that has it, and no selector at all when there is only one.
+    """
+    groups: dict[float, list[str]] = {}
+    for name, value in points.items():
+        groups.setdefault(round(value, 6), []).append(name)
+    return [(default if default in names else names[0], " / ".join(n.replace("_", " ") for n in names), value)
+            for value, names in groups.items()]
+
+
 def _page(results=None, error=None):
     model = predictor()
     return render_template("index.html", spec=model.spec, decision=model.decision,
                            operating_points=model.operating_points,
+                           point_choices=point_choices(model.operating_points, model.decision.default_operating_point),
                            results=results, error=error)
 
 
@@ -38,7 +53,9 @@ def upload():
 @bp.get("/model")
 def model_card_page():
     """The loaded model's card as a page."""
-    return render_template("model.html", card=model_card(predictor().spec), metric_names=CARD_METRICS)
+    card = model_card(predictor().spec)
+    choices = point_choices(card["decision"]["operating_points"], card["decision"]["default_operating_point"])
+    return render_template("model.html", card=card, metric_names=CARD_METRICS, point_choices=choices)
 
 
 @bp.get("/favicon.ico")
