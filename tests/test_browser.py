@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import base64
+import json
 import os
 import shutil
 import threading
@@ -83,6 +84,19 @@ def test_upload_explain_switch_and_refuse_in_chromium(live_server: str, page) ->
     assert "Research use only" in page.inner_text(".notice")
     _drop_files(page, "#dropzone", {"chest.png": (xray, "image/png"), "holiday.jpg": (photo, "image/jpeg")})
     assert page.inner_text("#chosen").split() == ["chest.png", "holiday.jpg"]
+    # The page says it is working as soon as the form is sent (checked with the send cancelled).
+    state = page.evaluate("""() => {
+        const form = document.getElementById("upload-form");
+        const cancel = (event) => event.preventDefault();
+        form.addEventListener("submit", cancel);
+        form.requestSubmit();
+        form.removeEventListener("submit", cancel);
+        const button = form.querySelector("button[type=submit]");
+        const state = [document.getElementById("working").textContent, button.disabled];
+        button.disabled = false;
+        return state;
+    }""")
+    assert state == ["Analysing 2 images\u2026", True]
     page.click("button[type=submit]")
     page.wait_for_selector(".results")
 
@@ -113,6 +127,19 @@ def test_upload_explain_switch_and_refuse_in_chromium(live_server: str, page) ->
     assert "rejected" in photo_card.get_attribute("class").split()
     assert photo_card.locator("li[data-reason=colour_image]").count() == 1
     assert photo_card.locator(".label").inner_text() == "Not analysed"
+
+    with page.expect_download() as download:
+        page.click("#download-csv")
+    rows = Path(download.value.path()).read_text().splitlines()
+    assert rows[0] == "filename,status,label,probability_pneumonia,threshold,operating_point,reasons,error,image_sha256"
+    assert rows[1].startswith("chest.png,ok,") and rows[2].startswith("holiday.jpg,rejected,,")
+    assert "colour_image" in rows[2]
+    with page.expect_download() as download:
+        page.click("#download-json")
+    results = json.loads(Path(download.value.path()).read_text())
+    assert [r["filename"] for r in results] == ["chest.png", "holiday.jpg"]
+    assert results[0]["probability_pneumonia"] == pytest.approx(probability, abs=1e-6)
+    assert not any(key.endswith("_png") for r in results for key in r)  # no images in the download
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "browser-upload.png"), full_page=True)

@@ -32,7 +32,9 @@ def _page(results=None, error=None):
     return render_template("index.html", spec=model.spec, decision=model.decision,
                            operating_points=model.operating_points,
                            point_choices=point_choices(model.operating_points, model.decision.default_operating_point),
-                           results=results, error=error)
+                           results=results, error=error,
+                           downloadable=[{k: v for k, v in r.items() if not k.endswith("_png") and k != "http_status"}
+                                         for r in results or []])
 
 
 @bp.get("/")

@@ -32,7 +32,8 @@ function setupCard(card) {
   const thresholds = JSON.parse(card.dataset.thresholds);
   const classNames = JSON.parse(card.dataset.classNames);
   const select = card.querySelector(".card-operating-point");
-  select.addEventListener("change", () => {
+  // No selector when every operating point has the same threshold (nothing to switch).
+  if (select) select.addEventListener("change", () => {
     if (!(select.value in thresholds)) return;
     const threshold = thresholds[select.value];
     const label = probability >= threshold ? classNames[1] : classNames[0];
@@ -54,7 +55,52 @@ function setupCard(card) {
   update();
 }
 
+// While the form posts, say so: a plain form post shows nothing until the answer arrives.
+function setupWorking() {
+  const form = document.getElementById("upload-form");
+  const working = document.getElementById("working");
+  if (!form || !working) return;
+  form.addEventListener("submit", () => {
+    const count = document.getElementById("file").files.length;
+    working.textContent = `Analysing ${count} image${count === 1 ? "" : "s"}…`;
+    working.hidden = false;
+    form.setAttribute("aria-busy", "true");
+    form.querySelector("button[type=submit]").disabled = true;
+  });
+}
+
+// Download the page's results (no images) as CSV or JSON, built in the browser from the page's data.
+function setupDownloads() {
+  const data = document.getElementById("results-data");
+  if (!data) return;
+  const results = JSON.parse(data.textContent);
+  const save = (name, type, text) => {
+    const link = document.createElement("a");
+    link.href = URL.createObjectURL(new Blob([text], {type}));
+    link.download = name;
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+  };
+  const columns = ["filename", "status", "label", "probability_pneumonia", "threshold", "operating_point",
+                   "reasons", "error", "image_sha256"];
+  const cell = (value) => {
+    let text = value == null ? "" : Array.isArray(value) ? value.join(";")
+      : typeof value === "object" ? (value.message || "") : String(value);
+    if (/^[=+\-@]/.test(text)) text = "'" + text;  // a file name must not become a spreadsheet formula
+    return /[",\n]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
+  };
+  document.getElementById("download-json").addEventListener("click", () =>
+    save("pneumoscan-results.json", "application/json", JSON.stringify(results, null, 2) + "\n"));
+  document.getElementById("download-csv").addEventListener("click", () =>
+    save("pneumoscan-results.csv", "text/csv",
+         [columns.join(","), ...results.map((r) => columns.map((c) => cell(r[c])).join(","))].join("\n") + "\n"));
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   setupDropzone();
+  setupWorking();
+  setupDownloads();
   document.querySelectorAll(".card.ok").forEach(setupCard);
 });
