@@ -14,7 +14,6 @@ read the ratios, this 2-core machine is noisy.
 from __future__ import annotations
 
 import argparse
-import http.client
 import os
 import subprocess
 import sys

@@ -23,13 +23,10 @@ import numpy as np
 def _session(path: Path, level: str, threads: int, arena: bool):
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.enable_cpu_mem_arena = arena
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    from pneumoscan.runtime import session_options
+
+    return ort.InferenceSession(str(path), sess_options=session_options(threads, optimization=level, arena=arena),
+                                providers=["CPUExecutionProvider"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,9 +110,9 @@ class Predictor:
         """
         if self._model is None:
             require_torch("the PyTorch network (--backend torch, grad-cam heatmaps)")
-            from pneumoscan.models import load_bundle
+            from pneumoscan.models import build_network
 
-            self._model = load_bundle(self.directory, check_onnx=False)[0]
+            self._model = build_network(self.directory, self.spec)  # verified by from_bundle
         return self._model
 
     @property

@@ -64,6 +64,20 @@ def default_threads() -> int:
     return usable_cores()
 
 
+def session_options(threads: int, *, optimization: str = "ORT_ENABLE_ALL", arena: bool = True):
+    """ONNX Runtime session options: ``threads`` intra-op threads, one operator at a time.
+    The defaults are what serving uses (``bench/ort_settings.py`` compares the others)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, optimization)
+    options.enable_cpu_mem_arena = arena
+    return options
+
+
 class OnnxRunner:
     """An ONNX Runtime session over the exported graph, sized for a small CPU."""
 
@@ -78,17 +92,11 @@ class OnnxRunner:
             import onnxruntime as ort
         except ImportError:
             raise ConfigError("onnxruntime is not installed (pip install onnxruntime)") from None
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or default_threads()
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=options,
+            self.session = ort.InferenceSession(str(path), sess_options=session_options(threads or default_threads()),
                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise BundleError(f"{path} is not a usable ONNX model: {str(exc).splitlines()[0]}") from None
-
         self.has_cam = "cam" in {output.name for output in self.session.get_outputs()}
 
     def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -150,9 +158,10 @@ def open_runner(directory: Path, spec: BundleSpec, model: "Classifier | Ensemble
     def torch_runner() -> TorchRunner:
         # The network and the gate's extractor are built only here: the ONNX graph holds both.
         require_torch(f"running {directory} on PyTorch" + ("" if spec.onnx else " (it has no ONNX model)"))
-        from pneumoscan.models import load_bundle, load_gate_extractor
+        from pneumoscan.models import build_network, load_gate_extractor
 
-        network = model if model is not None else load_bundle(directory, check_onnx=False)[0]
+        # ``spec`` comes from a bundle the caller verified: its files are not hashed again.
+        network = model if model is not None else build_network(directory, spec)
         return TorchRunner.for_bundle(network, spec, extractor=load_gate_extractor(directory, spec))
 
     if backend == "torch":

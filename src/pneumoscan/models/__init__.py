@@ -4,6 +4,7 @@ from pneumoscan.spec import BundleSpec
 
 from pneumoscan.models import backbones as _backbones  # noqa: F401  (registers the entries)
 from pneumoscan.models.bundle import (
+    build_network,
     bundle_digest,
     default_bundle_path,
     load_bundle,
@@ -30,6 +31,7 @@ __all__ = [
     "Ensemble",
     "pooled",
     "backbone_info",
+    "build_network",
     "bundle_digest",
     "cam_weights",
     "create_classifier",

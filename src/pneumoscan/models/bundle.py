@@ -36,7 +36,7 @@ from pneumoscan.spec import BundleSpec
 
 
 __all__ = ["MANIFEST_FILE", "SPEC_FILE", "SPLIT_FILE", "WEIGHTS_FILE", "BundleSpec", "bundle_digest",
-           "default_bundle_path", "load_bundle", "load_gate_extractor", "load_weights", "read_spec",
+           "build_network", "default_bundle_path", "load_bundle", "load_gate_extractor", "load_weights", "read_spec",
            "rewrite_bundle", "save_bundle", "save_weights", "seal_bundle", "sha256_file", "verify_bundle",
            "verify_part"]
 
@@ -89,8 +89,18 @@ def load_bundle(directory: str | Path, *, check_onnx: bool = True,
         BundleError: see :func:`verify_bundle`; also weights that do not fit the declared
             architecture.
     """
-    directory = Path(directory)
     spec = verify_bundle(directory, check_onnx=check_onnx, expected_digest=expected_digest)
+    return build_network(directory, spec), spec
+
+
+def build_network(directory: str | Path, spec: BundleSpec) -> Classifier | Ensemble:
+    """The network of a bundle already verified against its manifest (:func:`verify_bundle`),
+    without hashing its files again.
+
+    Raises:
+        BundleError: weights that do not fit the declared architecture.
+    """
+    directory = Path(directory)
     try:
         members = [create_classifier(spec.backbone, weights="none", head=spec.head,
                                      input_size=spec.input_size, dropout=spec.dropout)
@@ -99,7 +109,7 @@ def load_bundle(directory: str | Path, *, check_onnx: bool = True,
         raise BundleError(f"{directory}: {exc}") from None
     model: Classifier | Ensemble = Ensemble(members) if len(members) > 1 else members[0]
     what = f"{spec.members}-member {spec.backbone}/{spec.head}" if spec.members > 1 else f"{spec.backbone}/{spec.head}"
-    return load_weights(model, directory / WEIGHTS_FILE, what=what), spec
+    return load_weights(model, directory / WEIGHTS_FILE, what=what)
 
 
 def load_gate_extractor(directory: str | Path, spec: BundleSpec) -> Classifier | None:
