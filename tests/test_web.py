@@ -110,8 +110,9 @@ def test_factory_refuses_a_broken_bundle(tmp_path: Path) -> None:
 
 
 def test_pneumoscan_serve_runs_gunicorn_and_answers(tiny_bundle: Path, xray_root: Path, tmp_path: Path) -> None:
-    """The real server: gunicorn workers fork after the master checked the bundle, then predict;
-    /metrics adds up both workers, and the audit log gets the prediction."""
+    """The real server: gunicorn workers fork after the master checked the bundle (and, for an
+    exported bundle on one inference thread each, loaded it), then predict; /metrics adds up both
+    workers, and the audit log gets the prediction."""
     import json
     import os
     import signal
@@ -129,7 +130,8 @@ def test_pneumoscan_serve_runs_gunicorn_and_answers(tiny_bundle: Path, xray_root
         [sys.executable, "-m", "pneumoscan", "serve", "--model", str(tiny_bundle), "--port", str(port),
          "--workers", "2", "--threads", "2", "--audit-log", str(audit_log), "--request-timeout", "3"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env={key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_DIR"})
+        env={**{key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_DIR"},
+             "PNEUMOSCAN_INFERENCE_THREADS": "1"})
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -182,6 +184,8 @@ def test_pneumoscan_serve_runs_gunicorn_and_answers(tiny_bundle: Path, xray_root
         os.killpg(server.pid, signal.SIGTERM)
         output = server.communicate(timeout=30)[0]
     assert "gunicorn" in output.lower()
+    shared = (tiny_bundle / "model.onnx").is_file()  # the light install's test bundle is exported
+    assert ("loaded once, before the 2 worker(s) fork" in output) is shared, output[:2000]
     assert "Traceback" not in output and "unexpected error" not in output
 
 

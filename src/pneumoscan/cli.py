@@ -46,7 +46,8 @@ NoGateOption = Annotated[bool, typer.Option(
     "--no-gate", metavar="", help="Do not apply the bundle's input gate (its reasons are still reported).")]
 BackendOption = Annotated[str, typer.Option(
     envvar="PNEUMOSCAN_BACKEND",
-    help="auto (ONNX Runtime when the bundle has an ONNX model, else PyTorch), onnxruntime or torch.")]
+    help="auto (ONNX Runtime when the bundle has an ONNX model, else PyTorch), onnxruntime, "
+         "openvino (pip install 'pneumoscan[openvino]': the same graph, 1.3-1.4x faster on CPU) or torch.")]
 
 
 def _fail(message: str, code: int = 2) -> None:

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 from flask import Config
 
 from pneumoscan.errors import ConfigError
+from pneumoscan.runtime import BACKENDS
 
 #: Every setting, each also read from a ``PNEUMOSCAN_<NAME>`` environment variable.
 DEFAULTS: dict[str, Any] = {
@@ -21,7 +22,7 @@ DEFAULTS: dict[str, Any] = {
     "REQUEST_TIMEOUT": 30,  # seconds to receive a request's body (slow uploads get a 408) and decode it (503)
     "DECODE_CONCURRENCY": 1,  # images one worker process decodes at once (each at most 64 MB decoded)
     "AUDIT_LOG": None,  # path of the JSON-lines audit log; None: no audit log
-    "BACKEND": "auto",  # auto (ONNX Runtime when the bundle has an ONNX model), onnxruntime or torch
+    "BACKEND": "auto",  # auto (ONNX Runtime when the bundle has an ONNX model), onnxruntime, openvino or torch
     "ALLOW_TORCH_FALLBACK": False,  # a tampered/unusable ONNX file: PyTorch with a warning, not an error
     "API_KEYS": "",  # comma-separated keys required on /api/ (off when empty)
     "RATE_LIMIT": "",  # e.g. "60/minute" per client (flask-limiter syntax; off when empty)
@@ -60,8 +61,8 @@ def load_config(test_config: Mapping[str, Any] | None = None) -> Config:
     digest = config["MODEL_SHA256"]
     if digest is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", str(digest)):
         raise ConfigError(f"PNEUMOSCAN_MODEL_SHA256 must be 64 hexadecimal digits (a bundle digest), got {str(digest)[:80]!r}")
-    if config["BACKEND"] not in ("auto", "onnxruntime", "torch"):
-        raise ConfigError(f"PNEUMOSCAN_BACKEND must be auto, onnxruntime or torch, got {config['BACKEND']!r}")
+    if config["BACKEND"] not in BACKENDS:
+        raise ConfigError(f"PNEUMOSCAN_BACKEND must be one of {', '.join(BACKENDS)}, got {config['BACKEND']!r}")
     if not isinstance(config["ALLOW_TORCH_FALLBACK"], bool):
         raise ConfigError("PNEUMOSCAN_ALLOW_TORCH_FALLBACK must be true or false, "
                           f"got {config['ALLOW_TORCH_FALLBACK']!r}")
