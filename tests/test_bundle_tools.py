@@ -171,14 +171,17 @@ def test_cross_fitted_site_calibration_never_predicts_an_image_with_its_own_fit(
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 200)
     z = (2 * y - 1) * 2.0 + rng.normal(0, 1.5, 200) + 3.0  # shifted: the site needs its own threshold
-    prob, threshold, decisions = cross_fitted(y, z, folds=5, seed=1)
+    prob, threshold, decisions, band = cross_fitted(y, z, folds=5, seed=1)
+    fold_bands = {(d.review["low"], d.review["high"]) for d in decisions}
+    assert {tuple(row) for row in band} <= fold_bands  # each image judged by one fold's band
+    assert np.all(band[:, 0] <= threshold) and np.all(threshold <= band[:, 1])
     temperatures = [d.temperature for d in decisions]
     assert len(decisions) == 5 and len(set(temperatures)) == 5
     # make one image an extreme outlier: the other folds' calibrations move, its own does not
     own_temperature = z[7] / np.log(prob[7] / (1 - prob[7]))
     z2 = z.copy()
     z2[7] = 40.0
-    prob2, threshold2, decisions2 = cross_fitted(y, z2, folds=5, seed=1)
+    prob2, threshold2, decisions2, _ = cross_fitted(y, z2, folds=5, seed=1)
     assert prob2[7] == pytest.approx(1 / (1 + np.exp(-40.0 / own_temperature)), rel=1e-9)
     assert threshold2[7] == threshold[7]
     assert sum(t != u for t, u in zip(temperatures, [d.temperature for d in decisions2])) == 4

@@ -23,18 +23,25 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_predict_csv_for_files_and_folders(tiny_bundle: Path, xray_root: Path, tmp_path: Path) -> None:
+    from pneumoscan.integrity import read_spec
+
     out = tmp_path / "preds.csv"
     one = next((xray_root / "train" / "NORMAL").iterdir())
     result = runner.invoke(app, ["predict", "--model", str(tiny_bundle), str(xray_root / "test"),
                                  str(one), "--csv", str(out)])
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(out.open()))
-    assert list(rows[0]) == ["path", "status", "label", "probability_pneumonia", "threshold", "reasons", "error"]
+    assert list(rows[0]) == ["path", "status", "label", "probability_pneumonia", "threshold", "review_recommended",
+                             "review_reasons", "reasons", "error"]
     assert len(rows) == 13
+    band = read_spec(tiny_bundle).decision.review
     for row in rows:
         p, t = float(row["probability_pneumonia"]), float(row["threshold"])
         assert row["status"] == "ok" and row["reasons"] == ""
         assert 0 <= p <= 1 and row["label"] == ("PNEUMONIA" if p >= t else "NORMAL")
+        inside = min(band["low"], t) < p < max(band["high"], t)
+        assert row["review_recommended"] == ("yes" if inside or row["review_reasons"] else "no")
+        assert ("uncertain_probability" in row["review_reasons"]) is inside
 
 
 def _colour_photo(path: Path) -> Path:
@@ -201,7 +208,7 @@ def test_train_options_come_from_train_config() -> None:
         else:
             assert param.default == opt.default, opt.name
         assert param.help == opt.help and opt.help, opt.name
-    assert set(params) == {o.name for o in cli_options()} | {"no_augment"}
+    assert set(params) == {o.name for o in cli_options()} | {"no_augment", "quiet"}
     assert "--fp32-bundle" in params["half_bundle"].secondary_opts
     # the model card's recipe names keys that training really writes
     written = TrainConfig(data=Path("d"), out=Path("o")).as_json()
@@ -210,7 +217,7 @@ def test_train_options_come_from_train_config() -> None:
 
 def test_train_cli_builds_the_config_it_shows(monkeypatch, tmp_path: Path) -> None:
     seen = []
-    monkeypatch.setattr("pneumoscan.training.fit.train", lambda config: seen.append(config))
+    monkeypatch.setattr("pneumoscan.training.fit.train", lambda config, quiet=False: seen.append(config))
     result = runner.invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--lr", "0.01",
                                  "--rotation", "5", "--no-hflip", "--fp32-bundle", "--split-seed", "7",
                                  "--limit-train-batches", "3"])

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from conftest import image_bytes, make_xray
 from pneumoscan.cli import app
-from pneumoscan.heatmap import central_share, overlay
+from pneumoscan.heatmap import DISPLAY_WIDTH, central_share, overlay
 from pneumoscan.inference import Predictor
 
 
@@ -55,7 +55,7 @@ def test_explain_cli_writes_overlays(tiny_bundle: Path, xray_root: Path, tmp_pat
                                       "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     written = sorted(tmp_path.glob("*.gradcam.png"))
-    assert len(written) == 6 and "of the heatmap on the chest" in result.output
+    assert len(written) == 6 and all(f"-> {tmp_path}" in line for line in result.output.splitlines())
     png = Image.open(written[0])
     source = Image.open(xray_root / "test" / "NORMAL" / written[0].name.replace(".gradcam.png", ".jpeg"))
     # the overlay keeps the film's own size and aspect ratio; a caption strip (label, probability,
@@ -81,7 +81,29 @@ def test_upload_page_shows_the_heatmap(client) -> None:
     # The X-ray and the heatmap come as separate layers, so the page can toggle and fade the heatmap.
     assert 'class="xray" src="data:image/png;base64,' in page
     assert 'class="heatmap" src="data:image/png;base64,' in page
-    assert 'class="cam-opacity"' in page and "of the heatmap" in page
+    assert 'class="cam-opacity"' in page and 'class="cam-legend"' in page
+    assert "may be using something other than the lungs" not in page  # the unmeasured warning is gone
+    # the film is drawn at its own aspect ratio, DISPLAY_WIDTH wide, the heatmap at the same size
+    film = Image.open(io.BytesIO(base64.b64decode(page.split('class="xray" src="data:image/png;base64,')[1].split('"')[0])))
+    layer = Image.open(io.BytesIO(base64.b64decode(page.split('class="heatmap" src="data:image/png;base64,')[1].split('"')[0])))
+    source = make_xray(4)
+    assert film.width == DISPLAY_WIDTH >= 448 and layer.size == film.size
+    assert abs(film.height / film.width - source.height / source.width) < 0.01
+
+
+def test_the_heatmap_is_hidden_by_default_on_normal_results(client, app) -> None:
+    from dataclasses import replace
+
+    predictor = app.extensions["pneumoscan"]
+    for threshold, label, checked in ((1.0, "NORMAL", False), (0.0, "PNEUMONIA", True)):
+        predictor.spec = predictor.spec.replace(decision=replace(predictor.decision, threshold=threshold,
+                                                                  operating_points={"balanced": threshold}))
+        data = {"file": [(io.BytesIO(image_bytes(make_xray(4))), "y.png")], "explain": "true"}
+        page = client.post("/", data=data, content_type="multipart/form-data").get_data(as_text=True)
+        assert f'<p class="label">{label}</p>' in page
+        toggle = page.split('class="cam-toggle"')[1].split(">")[0]
+        assert ("checked" in toggle) is checked
+        assert ("so the map is hidden" in page) is (label == "NORMAL")
 
 
 def test_explain_cli_skips_what_the_gate_refuses(tiny_bundle: Path, xray_root: Path, tmp_path: Path) -> None:

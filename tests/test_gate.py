@@ -42,11 +42,14 @@ def test_api_rejects_a_photo_but_predicts_the_xray(client) -> None:
     assert response.status_code == 200
     rejected, ok = response.get_json()["results"]
     assert rejected["status"] == "rejected" and rejected["reasons"] == ["colour_image"]
-    assert set(rejected) == {"filename", "status", "reasons", "image_sha256"}
+    assert set(rejected) == {"filename", "status", "reasons", "messages", "image_sha256"}
+    assert rejected["messages"] == ["a colour image; radiographs are greyscale"]
     assert ok["status"] == "ok"
     page = client.post("/", data={"file": [(io.BytesIO(image_bytes(photo, "JPEG")), "holiday.jpg")]},
                        content_type="multipart/form-data").get_data(as_text=True)
-    assert "does not look like a frontal chest radiograph" in page and 'data-reason="colour_image"' in page
+    assert "The input gate refused this film" in page and 'data-reason="colour_image"' in page
+    assert "a colour image; radiographs are greyscale" in page
+    assert 'class="thumbnail" src="data:image/png;base64,' in page and 'class="analyse-anyway"' in page
 
 
 def _document_page() -> Image.Image:

@@ -1,4 +1,4 @@
-"""What validation decides: temperature scaling and the named operating points.
+"""What validation decides: temperature scaling, the named operating points and the review band.
 
 Training (when it writes a bundle) and the bundle tools (``pneumoscan calibrate``) both call
 :func:`calibrate_on_validation`; nothing else fits a temperature or chooses a threshold. Never fit
@@ -8,7 +8,7 @@ on test.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -20,6 +20,11 @@ OPERATING_POINTS: tuple[str, ...] = ("balanced", "high_sensitivity", "high_speci
 THRESHOLD_SOURCE = "validation_prevalence_likelihood_ratio"
 #: The sensitivity (specificity) that ``high_sensitivity`` (``high_specificity``) keeps on validation.
 TARGET = 0.95
+#: Accuracy the review band keeps outside itself (pre-registered as R1 in MODEL_CARD.md).
+REVIEW_TARGET = 0.98
+#: A film whose gate distance is beyond this share of the gate's limit is flagged for review
+#: (7 of 525 validation films for the bundled model, where the limit itself refuses 3).
+REVIEW_DISTANCE_FRACTION = 0.9
 
 
 def youden_threshold(y_true: Sequence[int], y_score: Sequence[float]) -> float:
@@ -90,6 +95,38 @@ def operating_thresholds(y_true: Sequence[int], prob: Sequence[float], *, target
     }
 
 
+def review_band(y_true: Sequence[int], prob: Sequence[float], threshold: float, *,
+                target: float = REVIEW_TARGET, step: float = 0.1) -> dict[str, Any]:
+    """The band of calibrated P(pneumonia) around ``threshold`` inside which a person should review.
+
+    It starts where the calibrated probability that the label is wrong exceeds ``1 - target``:
+    ``(1 - target, target)``, widened to include ``threshold``. Only if this sample's accuracy
+    outside that band is below ``target`` is it widened, symmetrically in log-odds by ``step``,
+    until it is not. The start depends on the temperature (fitted on every image), not on where
+    a near-separable validation split's few errors fall, so it does not jump from one split to
+    the next; the widening is what keeps the stated accuracy when calibration is optimistic.
+    """
+    y = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(prob, dtype=np.float64)
+    correct = (p >= threshold).astype(np.int64) == y
+    logit = lambda q: float(np.log(q / (1 - q)))  # noqa: E731
+    low0, high0 = min(1 - target, threshold), max(target, threshold)
+    edge = 1e-9
+    widen = 0.0
+    while True:
+        low = float(sigmoid(logit(max(low0, edge)) - widen))
+        high = float(sigmoid(logit(min(high0, 1 - edge)) + widen))
+        outside = (p <= low) | (p >= high)
+        accuracy = float(correct[outside].mean()) if outside.any() else 1.0
+        if accuracy >= target or not outside.any():
+            break
+        widen += step
+    return {"low": round(low, 6), "high": round(high, 6), "target_accuracy": target,
+            "distance_fraction": REVIEW_DISTANCE_FRACTION, "widened_log_odds": round(widen, 3),
+            "n": int(len(y)), "coverage": round(float(outside.mean()), 6) if len(y) else None,
+            "accuracy_outside": round(accuracy, 6)}
+
+
 @dataclass(frozen=True)
 class Calibration:
     """The bundle's new decision part and the validation figures behind it."""
@@ -112,7 +149,8 @@ class Calibration:
 
 
 def calibrate_on_validation(y_true: Sequence[int], log_odds: Sequence[float]) -> Calibration:
-    """Fit temperature scaling, then choose the operating points on calibrated probabilities."""
+    """Fit temperature scaling, then choose the operating points and the review band on calibrated
+    probabilities."""
     y = np.asarray(y_true, dtype=np.int64)
     z = np.asarray(log_odds, dtype=np.float64)
     temperature = fit_temperature(y, z)
@@ -131,19 +169,27 @@ def calibrate_on_validation(y_true: Sequence[int], log_odds: Sequence[float]) ->
             for name, t in points.items()
         },
     }
+    review = review_band(y, calibrated, points["balanced"])
+    report["review"] = review
     decision = Decision(threshold=points["balanced"], threshold_source=THRESHOLD_SOURCE,
                         temperature=temperature, calibration="temperature_scaling_on_validation",
-                        operating_points=points, default_operating_point="balanced")
+                        operating_points=points, default_operating_point="balanced", review=review)
     return Calibration(decision, report)
 
 
-def cross_fitted(y_true: Sequence[int], log_odds: Sequence[float], *, folds: int,
-                 seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[Decision]]:
-    """Site calibration measured honestly: ``folds`` stratified folds, each predicted by a
-    calibration (:func:`calibrate_on_validation`) fitted on the other folds only.
+class CrossFit(NamedTuple):
+    """What :func:`cross_fitted` returns, per image unless said otherwise."""
 
-    Returns each image's calibrated P(pneumonia), the threshold of the calibration that predicted
-    it (its default operating point), and the ``folds`` decisions.
+    prob: np.ndarray  # calibrated P(pneumonia), by the calibration that did not see the image
+    threshold: np.ndarray  # that calibration's default threshold
+    decisions: list[Decision]  # one per fold
+    band: np.ndarray  # ``n x 2``: that calibration's review band (low, high)
+
+
+def cross_fitted(y_true: Sequence[int], log_odds: Sequence[float], *, folds: int, seed: int = 0) -> CrossFit:
+    """Site calibration measured honestly: ``folds`` stratified folds, each predicted by a
+    calibration (:func:`calibrate_on_validation`: temperature, threshold, review band) fitted on
+    the other folds only.
 
     Raises:
         ConfigError: ``folds`` below 2 or above the smaller class's count.
@@ -157,11 +203,12 @@ def cross_fitted(y_true: Sequence[int], log_odds: Sequence[float], *, folds: int
     smallest = int(min(np.sum(y == 0), np.sum(y == 1)))
     if not 2 <= folds <= smallest:
         raise ConfigError(f"--site-folds must be between 2 and the smaller class's count ({smallest}), got {folds}")
-    prob, threshold = np.empty(len(y)), np.empty(len(y))
+    prob, threshold, band = np.empty(len(y)), np.empty(len(y)), np.empty((len(y), 2))
     decisions = []
     for fit_idx, held_idx in StratifiedKFold(folds, shuffle=True, random_state=seed).split(z, y):
         decision = calibrate_on_validation(y[fit_idx], z[fit_idx]).decision
         prob[held_idx] = decision.probability(z[held_idx])
         threshold[held_idx] = decision.threshold
+        band[held_idx] = (decision.review["low"], decision.review["high"])
         decisions.append(decision)
-    return prob, threshold, decisions
+    return CrossFit(prob, threshold, decisions, band)

@@ -89,7 +89,8 @@ def model_card(spec: BundleSpec) -> dict[str, Any]:
         "decision": {"default_operating_point": decision.default_operating_point, "threshold": decision.threshold,
                      "threshold_source": decision.threshold_source,
                      "operating_points": dict(decision.operating_points),
-                     "site_calibration": dict(decision.site) or None},
+                     "site_calibration": dict(decision.site) or None,
+                     "review_band": dict(decision.review) or None},
         "calibration": {"method": decision.calibration, "temperature": decision.temperature,
                         **{key: calibration[key] for key in ("ece_15_before", "ece_15_after",
                                                              "brier_before", "brier_after", "n")

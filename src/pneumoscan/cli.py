@@ -42,12 +42,21 @@ ModelOption = Annotated[Optional[Path], typer.Option(
 OperatingPointOption = Annotated[Optional[str], typer.Option(
     help="balanced (default), high_sensitivity or high_specificity: thresholds chosen on validation.")]
 TtaOption = Annotated[bool, typer.Option("--tta", metavar="", help="Average each image's logits with its mirror image.")]
+QuietOption = Annotated[bool, typer.Option(
+    "--quiet", "-q", metavar="", help="No progress bar (none is drawn anyway when stderr is not a terminal).")]
 NoGateOption = Annotated[bool, typer.Option(
     "--no-gate", metavar="", help="Do not apply the bundle's input gate (its reasons are still reported).")]
 BackendOption = Annotated[str, typer.Option(
     envvar="PNEUMOSCAN_BACKEND",
     help="auto (ONNX Runtime when the bundle has an ONNX model, else PyTorch), onnxruntime, "
          "openvino (pip install 'pneumoscan[openvino]': the same graph, 1.3-1.4x faster on CPU) or torch.")]
+
+
+def _estimate(value: dict) -> str:
+    """``0.9123 (95% CI 0.9000-0.9300)``, or n/a."""
+    if value["value"] is None:
+        return "n/a"
+    return f"{value['value']:.4f} (95% CI {value['ci_low']:.4f}-{value['ci_high']:.4f})"
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -71,6 +80,7 @@ def evaluate(
     site_folds: Annotated[Optional[int], typer.Option(
         help="Also report site-calibrated figures, cross-fitted over this many stratified folds "
              "(each image predicted by a calibration fitted on the other folds).")] = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Evaluate a bundle on a split: metrics.json with 95% CIs, predictions.csv, plots, report.md."""
     from pneumoscan.bundle_tools import record_evaluation
@@ -79,7 +89,8 @@ def evaluate(
     if bootstrap < 100:
         _fail(f"--bootstrap must be at least 100, got {bootstrap}")
     metrics = evaluate_folder(model, data, split, out, n_boot=bootstrap, seed=seed,
-                              operating_point=operating_point, tta=tta, backend=backend, site_folds=site_folds)
+                              operating_point=operating_point, tta=tta, backend=backend, site_folds=site_folds,
+                              quiet=quiet)
     typer.echo(f"{split}: n={metrics['n']}, operating point {metrics['operating_point']}, "
                f"threshold={metrics['threshold']:.4f}")
     for name in METRIC_NAMES:
@@ -93,6 +104,15 @@ def evaluate(
             m = site[name]
             if m["value"] is not None:
                 typer.echo(f"  {name:<12} {m['value']:.4f}  (95% CI {m['ci_low']:.4f}-{m['ci_high']:.4f})")
+    review = metrics["review"]
+    if review["available"]:
+        for label, part in (("review band", review["probability_band"]), ("review, any reason", review["any_reason"])):
+            typer.echo(f"{label}: {part['flagged']} of {part['n']} flagged; coverage {_estimate(part['coverage'])}, "
+                       f"accuracy outside {_estimate(part['accuracy_outside'])}")
+    if site and site.get("review_band"):
+        part = site["review_band"]
+        typer.echo(f"site-calibrated review band: coverage {_estimate(part['coverage'])}, "
+                   f"accuracy outside {_estimate(part['accuracy_outside'])}")
     gate = metrics["input_gate"]
     typer.echo(f"input gate not applied (every image scored); it would have refused {gate['would_refuse']} "
                f"of {metrics['n']}" + (f": {', '.join(f'{k} {v}' for k, v in gate['reasons'].items())}"
@@ -119,6 +139,7 @@ def predict(
     tta: TtaOption = False,
     backend: BackendOption = "auto",
     no_gate: NoGateOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Predict images through the bundle's input gate, as the API does.
 
@@ -132,10 +153,14 @@ def predict(
     if not files:
         _fail("no .jpeg/.jpg/.png/.dcm images found in the given path(s)")
     predictor = Predictor.from_bundle(model, tta=tta, backend=backend)
-    results = predictor.predict_paths(files, batch_size=batch_size, operating_point=operating_point,
-                                      threshold=threshold, gate=not no_gate)
+    from pneumoscan.progress import bar
+
+    with bar(len(files), "predicting", quiet=quiet) as advance:
+        results = predictor.predict_paths(files, batch_size=batch_size, operating_point=operating_point,
+                                          threshold=threshold, gate=not no_gate, progress=advance)
     rows = [(r.name, r.status, r.label or "", "" if r.probability is None else f"{r.probability:.6f}",
              "" if r.threshold is None else f"{r.threshold:.6f}",
+             {True: "yes", False: "no", None: ""}[r.review_recommended], ";".join(r.review_reasons),
              ";".join(r.reasons) if r.status != "error" else (r.error_code or ""), r.error or "")
             for r in results]
     if csv_out is not None:
@@ -146,10 +171,11 @@ def predict(
         typer.echo(f"{len(rows)} result(s) written to {csv_out}")
     else:
         width = max(len(r.name) for r in results)
-        typer.echo(f"{'path':<{width}}  {'status':<8}  {'label':<9}  p(pneumonia)  threshold  reasons")
-        for path, status, label, probability, cut, reasons, _ in rows:
+        typer.echo(f"{'path':<{width}}  {'status':<8}  {'label':<9}  p(pneumonia)  threshold  review  reasons")
+        for path, status, label, probability, cut, review, review_reasons, reasons, _ in rows:
+            why = "; ".join(part for part in (review_reasons, reasons) if part)
             typer.echo(f"{path:<{width}}  {status:<8}  {label or '-':<9}  {probability or '-':>12}  "
-                       f"{cut or '-':>9}  {reasons}".rstrip())
+                       f"{cut or '-':>9}  {review or '-':<6}  {why}".rstrip())
     counts = {status: sum(r.status == status for r in results) for status in ("ok", "rejected", "error")}
     typer.echo(f"{counts['ok']} predicted, {counts['rejected']} refused by the input gate"
                f"{' (off)' if no_gate else ''}, {counts['error']} unreadable", err=True)
@@ -162,8 +188,9 @@ def predict(
 
 
 #: Columns of ``pneumoscan predict --csv``; ``reasons`` holds the gate's reasons (the API's names),
-#: or the error code for unreadable files.
-PREDICTION_COLUMNS = ("path", "status", "label", "probability_pneumonia", "threshold", "reasons", "error")
+#: or the error code for unreadable files; ``review_recommended`` is yes/no for answers.
+PREDICTION_COLUMNS = ("path", "status", "label", "probability_pneumonia", "threshold", "review_recommended",
+                      "review_reasons", "reasons", "error")
 
 
 @app.command()
@@ -204,12 +231,12 @@ def explain(
             continue
         explanation = predictor.explain(image)
         target = out / f"{path.stem}.gradcam.png"
+        review = "   REVIEW RECOMMENDED" if result.review_recommended else ""
         caption = (f"{result.label}   P(pneumonia) {result.probability:.3f}   "
-                   f"threshold {result.threshold:.3f} ({result.operating_point})")
+                   f"threshold {result.threshold:.3f} ({result.operating_point}){review}")
         captioned(overlay(image, explanation.cam, opacity=opacity), caption).save(target)
-        warning = "  WARNING: heatmap mostly outside the chest" if explanation.shortcut_warning else ""
-        typer.echo(f"{path}: {result.label} p={result.probability:.3f}, "
-                   f"{explanation.central_share:.0%} of the heatmap on the chest -> {target}{warning}")
+        why = f" (review recommended: {', '.join(result.review_reasons)})" if result.review_recommended else ""
+        typer.echo(f"{path}: {result.label} p={result.probability:.3f}{why} -> {target}")
     if failed:
         raise typer.Exit(1)
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from pneumoscan.cli import ModelOption, _fail, app
+from pneumoscan.cli import ModelOption, QuietOption, _fail, app
 
 
 def _train(**values: Any) -> None:
@@ -22,10 +22,11 @@ def _train(**values: Any) -> None:
     from pneumoscan.training.config import from_cli
 
     no_augment = values.pop("no_augment")
+    quiet = values.pop("quiet")
     config = from_cli(values)
     if no_augment:
         config = replace(config, augmentation=Augmentation.none())
-    bundle = run_training(config)
+    bundle = run_training(config, quiet=quiet)
     if bundle is not None:
         typer.echo(f"bundle written to {bundle}")
 
@@ -48,6 +49,9 @@ def _register_train() -> None:
     parameters.append(inspect.Parameter(
         "no_augment", inspect.Parameter.KEYWORD_ONLY, default=False,
         annotation=Annotated[bool, typer.Option("--no-augment", help="Switch all augmentation off.", metavar="")]))
+    parameters.append(inspect.Parameter(
+        "quiet", inspect.Parameter.KEYWORD_ONLY, default=False,
+        annotation=QuietOption))
 
     def train(**values: Any) -> None:
         _train(**values)

@@ -15,9 +15,9 @@ from typing import Sequence
 
 import numpy as np
 
-from pneumoscan.plots import confusion_figure, pyplot, reliability_figure, roc_figure
+from pneumoscan.plots import confusion_figure, pyplot, reliability_figure, risk_coverage_figure, roc_figure
 from pneumoscan.stats import (METRIC_NAMES, Estimate, bootstrap_metrics, brier_score, confusion_matrix,
-                              expected_calibration_error, sigmoid)
+                              expected_calibration_error, proportion, sigmoid)
 
 __all__ = ["METRIC_NAMES", "evaluate_folder", "render_report"]
 
@@ -30,10 +30,41 @@ def _estimates(y_true: np.ndarray, y_score: np.ndarray, threshold: float, *, n_b
             "confusion_matrix": confusion_matrix(y_true, y_score, threshold=threshold)}
 
 
+def review_summary(y_true: np.ndarray, prob: np.ndarray, threshold: float | np.ndarray,
+                   flagged: np.ndarray) -> dict:
+    """Coverage (share not flagged for review) and accuracy among the unflagged, with 95% Wilson
+    intervals, and the accuracy among the flagged."""
+    y = np.asarray(y_true, dtype=np.int64)
+    correct = (np.asarray(prob) >= np.asarray(threshold)).astype(np.int64) == y
+    flagged = np.asarray(flagged, dtype=bool)
+    n_out = int((~flagged).sum())
+    return {"n": int(len(y)), "flagged": int(flagged.sum()),
+            "coverage": proportion(n_out, len(y)).as_dict(),
+            "accuracy_outside": proportion(int(correct[~flagged].sum()), n_out).as_dict(),
+            "accuracy_flagged": proportion(int(correct[flagged].sum()), int(flagged.sum())).as_dict()}
+
+
+def _review(spec, kept, y_true: np.ndarray, y_score: np.ndarray, threshold: float) -> dict:
+    """The bundle's review flag on these images: its probability band alone, and every reason."""
+    band = spec.decision.review
+    if not band:
+        return {"available": False}
+    low, high = min(band["low"], threshold), max(band["high"], threshold)
+    in_band = (y_score > low) & (y_score < high)
+    any_reason = np.array([bool(o.review_reasons) for _, o in kept])
+    reasons = Counter(reason for _, o in kept for reason in o.review_reasons)
+    return {"available": True, "band": {"low": low, "high": high}, "target_accuracy": band["target_accuracy"],
+            "fitted_on": f"{spec.decision.site.get('source', 'site sample')}" if spec.decision.site else "validation",
+            "probability_band": review_summary(y_true, y_score, threshold, in_band),
+            "any_reason": review_summary(y_true, y_score, threshold, any_reason),
+            "reasons": dict(sorted(reasons.items())),
+            "method": "95% Wilson intervals; 'any_reason' adds films near or beyond the gate's limit"}
+
+
 def evaluate_folder(model_dir: Path | None, data_root: Path, split: str, out_dir: Path, *,
                     n_boot: int = 2000, seed: int = 0, batch_size: int = 32,
                     operating_point: str | None = None, tta: bool = False, backend: str = "auto",
-                    site_folds: int | None = None) -> dict:
+                    site_folds: int | None = None, quiet: bool = True) -> dict:
     """Predict every image of ``data_root/split``, write the report files, return metrics.json.
 
     The top-level metrics are at the chosen operating point (the bundle's default unless
@@ -42,6 +73,7 @@ def evaluate_folder(model_dir: Path | None, data_root: Path, split: str, out_dir
 
     ``split="validation"`` evaluates the bundle's own validation split (from its split.csv):
     the split its threshold and temperature were chosen on, so those figures are optimistic.
+    Unless ``quiet``, a progress bar is drawn on stderr when it is a terminal.
 
     Raises:
         DatasetError: the split or a class folder is missing or empty.
@@ -59,8 +91,11 @@ def evaluate_folder(model_dir: Path | None, data_root: Path, split: str, out_dir
         samples = scan_split(data_root, split)
     spec = predictor.spec
     threshold, point_name = predictor.decision.threshold_for(operating_point)
-    outcomes = predictor.predict_paths([s.path for s in samples], batch_size=batch_size,
-                                       threshold=threshold, gate=False)
+    from pneumoscan.progress import bar
+
+    with bar(len(samples), f"evaluating {split}", quiet=quiet) as advance:
+        outcomes = predictor.predict_paths([s.path for s in samples], batch_size=batch_size,
+                                           threshold=threshold, gate=False, progress=advance)
     failed = [o for o in outcomes if o.status == "error"]
     kept = [(s, o) for s, o in zip(samples, outcomes) if o.status != "error"]
     would_refuse = Counter(reason for _, o in kept for reason in o.reasons)
@@ -95,6 +130,7 @@ def evaluate_folder(model_dir: Path | None, data_root: Path, split: str, out_dir
         "ci": {"method": "percentile bootstrap over images", "level": 0.95, "resamples": n_boot,
                "seed": seed},
     })
+    metrics["review"] = _review(spec, kept, y_true, y_score, threshold)
     if site_folds is not None:
         z = np.array([o.log_odds for _, o in kept])
         metrics["site_calibrated"] = site_calibrated(y_true, z, folds=site_folds, n_boot=n_boot, seed=seed)
@@ -114,11 +150,27 @@ def evaluate_folder(model_dir: Path | None, data_root: Path, split: str, out_dir
     for name, fig in (
             ("roc.png", roc_figure(y_true, y_score, auc=auc, threshold=threshold, title=title)),
             ("confusion.png", confusion_figure(metrics["confusion_matrix"], class_names=CLASS_NAMES, title=title)),
-            ("reliability.png", reliability_figure(y_true, y_raw, y_score, title=title))):
+            ("reliability.png", reliability_figure(y_true, y_raw, y_score, title=title)),
+            ("risk_coverage.png", _risk_coverage(metrics, y_true, y_score, threshold, title))):
+        if fig is None:
+            continue
         fig.savefig(out_dir / name)
         plt.close(fig)
     (out_dir / "report.md").write_text(render_report(metrics, failed=[o.name for o in failed]))
     return metrics
+
+
+def _risk_coverage(metrics: dict, y_true: np.ndarray, y_score: np.ndarray, threshold: float, title: str):
+    review = metrics["review"]
+    if not review["available"]:
+        return None
+    points = {}
+    for name, part in (("review band", review["probability_band"]),
+                       ("review band + gate margin", review["any_reason"])):
+        if part["accuracy_outside"]["value"] is not None:
+            points[name] = (part["coverage"]["value"], 1 - part["accuracy_outside"]["value"])
+    return risk_coverage_figure(y_true, y_score, threshold=threshold, points=points,
+                                target=review["target_accuracy"], title=title)
 
 
 def site_calibrated(y_true: np.ndarray, log_odds: np.ndarray, *, folds: int, n_boot: int, seed: int) -> dict:
@@ -130,14 +182,17 @@ def site_calibrated(y_true: np.ndarray, log_odds: np.ndarray, *, folds: int, n_b
     """
     from pneumoscan.calibration import cross_fitted
 
-    prob, threshold, decisions = cross_fitted(y_true, log_odds, folds=folds, seed=seed)
+    prob, threshold, decisions, band = cross_fitted(y_true, log_odds, folds=folds, seed=seed)
     estimates = bootstrap_metrics(y_true, prob, threshold=threshold, n_boot=n_boot, seed=seed)
+    in_band = (prob > band[:, 0]) & (prob < band[:, 1])
     return {**{name: estimates[name].as_dict() for name in METRIC_NAMES},
             "confusion_matrix": confusion_matrix(y_true, prob, threshold=threshold),
             "n": int(len(y_true)), "folds": folds, "calibration_n": int(round(len(y_true) * (folds - 1) / folds)),
             "thresholds": [round(d.threshold, 6) for d in decisions],
             "temperatures": [round(d.temperature, 6) for d in decisions],
             "ece_15": round(expected_calibration_error(y_true, prob), 6),
+            "review_band": {**review_summary(y_true, prob, threshold, in_band),
+                            "bands": [[d.review["low"], d.review["high"]] for d in decisions]},
             "method": "stratified folds; temperature and the balanced threshold refitted on the other folds"}
 
 
@@ -202,6 +257,24 @@ def render_report(metrics: dict, *, failed: Sequence[str] = ()) -> str:
         "![reliability](reliability.png)",
         "",
     ]
+    review = metrics.get("review") or {}
+    if review.get("available"):
+        lines += [
+            f"## Review flag (band {review['band']['low']:.3f}-{review['band']['high']:.3f} on calibrated "
+            f"P(pneumonia), fitted on {review['fitted_on']}, target accuracy {review['target_accuracy']:.2f} outside it)",
+            "",
+            "| flag | flagged | coverage (95% CI) | accuracy outside (95% CI) | accuracy of the flagged |",
+            "|---|---:|---:|---:|---:|",
+            *[f"| {label} | {part['flagged']} of {part['n']} | {fmt(part['coverage']['value'])} "
+              f"({fmt(part['coverage']['ci_low'])}-{fmt(part['coverage']['ci_high'])}) | "
+              f"{fmt(part['accuracy_outside']['value'])} ({fmt(part['accuracy_outside']['ci_low'])}-"
+              f"{fmt(part['accuracy_outside']['ci_high'])}) | {fmt(part['accuracy_flagged']['value'])} |"
+              for label, part in (("probability band", review["probability_band"]),
+                                  ("any reason (band, gate margin)", review["any_reason"]))],
+            "",
+            "![risk-coverage](risk_coverage.png)",
+            "",
+        ]
     site = metrics.get("site_calibrated")
     if site:
         lines += [
@@ -216,6 +289,12 @@ def render_report(metrics: dict, *, failed: Sequence[str] = ()) -> str:
               for name in METRIC_NAMES],
             "",
         ]
+        band = site.get("review_band")
+        if band:
+            lines += [f"Review band refitted in each fold: {band['flagged']} of {band['n']} flagged, coverage "
+                      f"{fmt(band['coverage']['value'])} ({fmt(band['coverage']['ci_low'])}-{fmt(band['coverage']['ci_high'])}), "
+                      f"accuracy outside {fmt(band['accuracy_outside']['value'])} "
+                      f"({fmt(band['accuracy_outside']['ci_low'])}-{fmt(band['accuracy_outside']['ci_high'])}).", ""]
     if failed:
         lines += [f"{len(failed)} file(s) could not be read and are left out:", ""]
         lines += [f"- `{p}`" for p in failed] + [""]

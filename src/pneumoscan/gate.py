@@ -78,6 +78,26 @@ def image_reasons(image: Image.Image) -> list[str]:
     return reasons
 
 
+def describe_reason(reason: str, *, distance: float | None = None, limit: float | None = None) -> str:
+    """A refusal reason in words, for people (the API keeps the code in ``reasons``)."""
+    if reason == "out_of_distribution":
+        measured = f" (distance {distance:.1f}, limit {limit:.1f})" if distance is not None and limit else ""
+        return f"unusual for this model{measured}: it looks unlike the chest films it was trained on"
+    return REASON_TEXT.get(reason, reason.replace("_", " "))
+
+
+#: How each refusal reads on the page and in messages.
+REASON_TEXT = {
+    "too_small": f"too small to read (under {MIN_SIDE} pixels on its short side)",
+    "extreme_aspect_ratio": f"too long and thin for a chest film (sides more than {MAX_ASPECT:g} to 1)",
+    "colour_image": "a colour image; radiographs are greyscale",
+    "blank_or_constant": "almost blank: too little contrast to read",
+    "dicom_modality_not_radiograph": "its DICOM header says it is not a radiograph (CT, MR, ultrasound or similar)",
+    "lateral_view": "a lateral view; the model was trained on frontal films only",
+    "inverted_image": "looks inverted (a negative film); the model was trained on positives only",
+}
+
+
 @dataclass(frozen=True)
 class Screening:
     """The gate's verdict on one image: refusal reasons (none: it passes) and its feature distance."""

@@ -21,21 +21,23 @@ from PIL import Image
 
 #: The central box (fractions of width and height) where the lungs and heart lie on a chest film.
 CHEST_BOX: tuple[float, float, float, float] = (0.15, 0.10, 0.85, 0.90)  # left, top, right, bottom
-#: Below this share of the heatmap inside CHEST_BOX the model is looking elsewhere (labels,
-#: borders, devices): a possible shortcut.
-SHORTCUT_SHARE: float = 0.5
+#: Width of the film as drawn under its heatmap (page, API overlay, ``explain``'s PNGs); the
+#: height follows the film's own aspect ratio, at most MAX_DISPLAY_ASPECT times the width.
+DISPLAY_WIDTH = 512
+MAX_DISPLAY_ASPECT = 3.0
 
 
 @dataclass(frozen=True)
 class Explanation:
-    """A heatmap in [0, 1] at input resolution, and how much of it lies on the chest."""
+    """A heatmap in [0, 1] at input resolution, and how much of it lies in CHEST_BOX.
+
+    The share is descriptive only. A warning that fired below half ("the model may be using
+    something other than the lungs") was removed: it was never measured against right and wrong
+    answers, and a near-flat map on a NORMAL film always scored it ~100%.
+    """
 
     cam: np.ndarray
     central_share: float
-
-    @property
-    def shortcut_warning(self) -> bool:
-        return self.central_share < SHORTCUT_SHARE
 
 
 def _min_max(values: np.ndarray) -> np.ndarray:
@@ -79,6 +81,17 @@ def heatmap(cam: np.ndarray, size: tuple[int, int]) -> Image.Image:
     """The heatmap alone in jet colours (as :func:`overlay` draws it), for layering in a page."""
     resized = Image.fromarray((np.clip(cam, 0, 1) * 255).astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
     return Image.fromarray(_jet(np.asarray(resized, dtype=np.float32) / 255.0))
+
+
+def display_image(image: Image.Image, width: int = DISPLAY_WIDTH) -> Image.Image:
+    """The film in grey at its own aspect ratio, ``width`` pixels wide (up- or down-sampled).
+
+    The network saw it squashed into a square, so its heatmap maps back onto this by a plain
+    resize: :func:`heatmap` and :func:`overlay` at this image's size.
+    """
+    grey = image if image.mode == "L" else image.convert("L")
+    height = int(round(width * min(grey.height / max(grey.width, 1), MAX_DISPLAY_ASPECT)))
+    return grey.resize((width, max(1, height)), Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
 def overlay(image: Image.Image, cam: np.ndarray, *, opacity: float = 0.4) -> Image.Image:

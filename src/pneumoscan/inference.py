@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -53,6 +53,14 @@ class Result:
     error: str | None = None  # message, for status "error"
     error_code: str | None = None
     http_status: int | None = None
+    # Why a person should look at this answer (``Decision.review_reasons``, plus ``outside_gate``
+    # when the gate would have refused the film but it was analysed anyway); empty: no reason.
+    review_reasons: tuple[str, ...] = ()
+
+    @property
+    def review_recommended(self) -> bool | None:
+        """True when a person should review the answer; None when there is no answer."""
+        return bool(self.review_reasons) if self.status == "ok" else None
 
 
 def _error_result(name: str, exc: PneumoscanError) -> Result:
@@ -167,15 +175,20 @@ class Predictor:
                                       reasons=screening.reasons, distance=screening.distance))
                 continue
             label = self.spec.class_names[1] if p >= cut else self.spec.class_names[0]
+            review = self.decision.review_reasons(float(p), cut, screening.distance,
+                                                  self.gate.threshold if self.gate is not None else None)
+            if screening.reasons:  # analysed although the gate would have refused it
+                review += ("outside_gate",)
             results.append(Result(name, "ok", label, float(p), float(z), cut, point,
-                                  reasons=screening.reasons, distance=screening.distance))
+                                  reasons=screening.reasons, distance=screening.distance, review_reasons=review))
         return results
 
     def predict_paths(self, paths: Sequence[str | Path], *, batch_size: int = 32,
                       operating_point: str | None = None, threshold: float | None = None,
-                      gate: bool = True) -> list[Result]:
+                      gate: bool = True, progress: Callable[[int], None] | None = None) -> list[Result]:
         """Files -> one :class:`Result` each, in order, predicted ``batch_size`` at a time;
-        a file that cannot be read gets status ``error`` with the reason."""
+        a file that cannot be read gets status ``error`` with the reason. ``progress(n)`` is
+        called as each batch (or unreadable file) is done, with its number of files."""
         self.decision.threshold_for(operating_point, threshold)  # a bad choice fails before any work
         results: list[Result | None] = [None] * len(paths)
         pending: list[tuple[int, Image.Image]] = []
@@ -186,6 +199,8 @@ class Predictor:
                                  operating_point=operating_point, threshold=threshold, gate=gate)
             for (i, _), result in zip(pending, batch):
                 results[i] = result
+            if progress is not None:
+                progress(len(pending))
             pending.clear()
 
         for i, path in enumerate(paths):
@@ -193,6 +208,8 @@ class Predictor:
                 image = self.preprocessing.load(path)
             except PneumoscanError as exc:
                 results[i] = _error_result(str(path), exc)
+                if progress is not None:
+                    progress(1)
                 continue
             pending.append((i, image))
             pending_pixels += image.width * image.height

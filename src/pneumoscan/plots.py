@@ -1,4 +1,4 @@
-"""Every figure: ROC, confusion matrix, reliability diagram, training curves.
+"""Every figure: ROC, confusion matrix, reliability diagram, risk-coverage, training curves.
 
 Each function returns a matplotlib Figure (Agg backend); the caller saves and closes it. Titles
 are wrapped to the figure's width, so a long model name is never cut off.
@@ -52,6 +52,30 @@ def reliability_figure(y_true: Sequence[int], prob_before: Sequence[float], prob
     ax.set(xlabel="predicted P(pneumonia)", ylabel="observed pneumonia rate", xlim=(0, 1), ylim=(0, 1))
     _title(ax, f"{title} (n={len(y_true)})")
     ax.legend(loc="upper left", fontsize=9)
+    return fig
+
+
+def risk_coverage_figure(y_true: Sequence[int], prob: Sequence[float], *, threshold: float | np.ndarray,
+                         points: dict[str, tuple[float, float]], target: float, title: str):
+    """Error rate among the films answered without review, against the share answered, as the
+    films are set aside for review from the least certain (nearest the threshold in log-odds) up.
+    ``points`` marks review bands: name -> (coverage, error rate outside)."""
+    y = np.asarray(y_true, dtype=np.int64)
+    p = np.clip(np.asarray(prob, dtype=np.float64), 1e-12, 1 - 1e-12)
+    t = np.clip(np.broadcast_to(np.asarray(threshold, dtype=np.float64), p.shape), 1e-12, 1 - 1e-12)
+    margin = np.abs(np.log(p / (1 - p)) - np.log(t / (1 - t)))
+    order = np.argsort(-margin)  # most certain first
+    wrong = ((p >= t).astype(np.int64) != y)[order]
+    kept = np.arange(1, len(y) + 1)
+    fig, ax = _figure(5.5, 4.5)
+    ax.plot(kept / len(y), np.cumsum(wrong) / kept, lw=1.5, label="answered without review")
+    ax.axhline(1 - target, ls="--", color="grey", lw=1, label=f"target error {1 - target:.2f}")
+    for name, (coverage, error) in points.items():
+        ax.plot([coverage], [error], marker="o", ls="none", label=f"{name}: coverage {coverage:.2f}, error {error:.3f}")
+    ax.set(xlabel="coverage (share answered without review)", ylabel="error rate among them", xlim=(0, 1),
+           ylim=(0, max(0.05, float(np.max(np.cumsum(wrong) / kept)) * 1.1)))
+    _title(ax, f"{title} (n={len(y)})")
+    ax.legend(loc="upper left", fontsize=8)
     return fig
 
 

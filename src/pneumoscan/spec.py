@@ -39,6 +39,11 @@ class Decision:
     # Set when a site's labelled sample, not the training split, fitted this decision
     # (``pneumoscan calibrate --site``): n per class, sha256 of the file list, where it came from.
     site: Mapping[str, Any] = field(default_factory=dict)
+    # The review band (``pneumoscan.calibration.review_band``): ``low`` and ``high`` on calibrated
+    # P(pneumonia), the ``target_accuracy`` outside it, what the calibration set showed, and
+    # ``distance_fraction`` of the gate's limit beyond which a film is "close to the limit".
+    # Empty for bundles calibrated before it existed: then nothing is flagged.
+    review: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def points(self) -> dict[str, float]:
@@ -61,6 +66,26 @@ class Decision:
         if name not in points:
             raise ConfigError(f"unknown operating point '{name}'; this model has: {', '.join(points)}")
         return points[name], name
+
+    def review_reasons(self, probability: float, threshold: float, distance: float | None = None,
+                       gate_limit: float | None = None) -> tuple[str, ...]:
+        """Why a prediction should be reviewed by a person (empty: no reason).
+
+        ``uncertain_probability``: P(pneumonia) lies inside the review band, widened to include
+        ``threshold`` when another operating point is in use. ``near_gate_limit``: the gate's
+        distance is beyond ``distance_fraction`` of its limit (or beyond the limit itself, when the
+        film was analysed anyway).
+        """
+        if not self.review:
+            return ()
+        reasons = []
+        low, high = min(self.review["low"], threshold), max(self.review["high"], threshold)
+        if low < probability < high:
+            reasons.append("uncertain_probability")
+        fraction = self.review.get("distance_fraction")
+        if distance is not None and gate_limit and fraction is not None and distance > fraction * gate_limit:
+            reasons.append("near_gate_limit")
+        return tuple(reasons)
 
     def probability(self, log_odds: np.ndarray | float) -> np.ndarray:
         """Uncalibrated log-odds -> calibrated P(pneumonia) (float64)."""
@@ -233,6 +258,11 @@ def _validate(spec: "BundleSpec", source: str) -> None:
     if decision.operating_points and decision.default_operating_point not in decision.operating_points:
         problems.append(f"the default operating point {decision.default_operating_point!r} is not one of "
                         f"{list(decision.operating_points)}")
+    review = dict(decision.review)
+    if review and not all(_number(review.get(k)) and 0 <= review[k] <= 1 for k in ("low", "high")) \
+            or review and review["low"] > review["high"]:
+        problems.append(f"the review band must be two numbers 0 <= low <= high <= 1, got "
+                        f"{review.get('low')!r} and {review.get('high')!r}")
     if not (isinstance(spec.members, int) and spec.members >= 1):
         problems.append(f"members must be a whole number >= 1, got {spec.members!r}")
     if spec.gate is not None and not (_number(spec.gate.threshold) and spec.gate.threshold > 0):

@@ -82,6 +82,16 @@ class Estimate:
                 (("value", self.value), ("ci_low", self.ci_low), ("ci_high", self.ci_high))}
 
 
+def proportion(successes: int, n: int) -> Estimate:
+    """A proportion with its 95% Wilson score interval (nan when ``n`` is 0)."""
+    if n == 0:
+        return Estimate(math.nan, math.nan, math.nan)
+    from scipy.stats import binomtest
+
+    interval = binomtest(int(successes), int(n)).proportion_ci(confidence_level=0.95, method="wilson")
+    return Estimate(successes / n, float(interval.low), float(interval.high))
+
+
 def point_metrics(y_true: Sequence[int], y_score: Sequence[float], *,
                   threshold: float | np.ndarray) -> dict[str, float]:
     """Every metric in METRIC_NAMES at ``threshold`` (one for all, or one per image)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import (EarlyStopping, EMAWeightAveraging, LearningRateMonitor,
-                                         ModelCheckpoint)
+                                         ModelCheckpoint, RichProgressBar)
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -23,6 +23,7 @@ from pneumoscan.data import CLASS_NAMES, class_counts
 from pneumoscan.errors import ConfigError, TrainingInterrupted
 from pneumoscan.models import BundleSpec, PixelNetwork, backbone_info, create_classifier, save_bundle
 from pneumoscan.plots import pyplot, training_curves_figure
+from pneumoscan.progress import shows_progress
 from pneumoscan.spec import Provenance
 from pneumoscan.training.callbacks import StagedFinetuning
 from pneumoscan.training.config import TrainConfig
@@ -36,8 +37,10 @@ def _devices(value: str) -> int | str:
     return int(value) if value.isdigit() else value
 
 
-def train(config: TrainConfig) -> Path | None:
+def train(config: TrainConfig, *, quiet: bool = False) -> Path | None:
     """Train, select the best epoch on validation loss, pick the threshold, write the bundle.
+
+    Lightning's rich progress bar is drawn on stderr when it is a terminal, unless ``quiet``.
 
     Returns the bundle directory (``OUT/bundle``) on the main process, None on other DDP ranks.
     A run killed mid-way continues from ``OUT/checkpoints/last.ckpt`` with ``resume=True``.
@@ -88,6 +91,9 @@ def train(config: TrainConfig) -> Path | None:
         # the best epoch is chosen, and exported, as the average; the raw weights keep training
         # (saved beside it for --resume).
         callbacks.append(EMAWeightAveraging(decay=config.ema_decay))
+    show_progress = shows_progress(quiet)
+    if show_progress:
+        callbacks.append(RichProgressBar(console_kwargs={"stderr": True}))
     if config.weights != "none" or config.frozen_epochs > 0:
         callbacks.append(StagedFinetuning(unfreeze_at_epoch=config.frozen_epochs,
                                           blocks=config.finetune_blocks,
@@ -97,7 +103,7 @@ def train(config: TrainConfig) -> Path | None:
         devices=_devices(config.devices), num_nodes=config.num_nodes, strategy=config.strategy,
         precision=config.precision, callbacks=callbacks, logger=CSVLogger(out, name="logs"),
         deterministic=False, log_every_n_steps=10, limit_train_batches=config.train_batches,
-        enable_model_summary=False, plugins=[AtomicCheckpointIO()])
+        enable_model_summary=False, enable_progress_bar=show_progress, plugins=[AtomicCheckpointIO()])
     started = time.perf_counter()
     with _interruptible(trainer, last_ckpt):
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last_ckpt) if config.resume else None)

@@ -17,7 +17,7 @@ from typing import Any
 from pneumoscan.errors import ConfigError
 
 _FIELDS = ("image_sha256", "status", "label", "probability_pneumonia", "threshold", "operating_point",
-           "reasons")
+           "reasons", "review_recommended", "review_reasons", "outside_gate", "gate_reasons")
 
 
 class AuditLog:

@@ -31,10 +31,23 @@ _RESULT = {
         "operating_point": {"type": "string"},
         "reasons": {"type": "array", "items": {"type": "string"},
                     "description": "Why the input gate refused the image (status 'rejected')."},
-        "ood_distance": {"type": "number"},
-        "gradcam_png": {"type": "string", "format": "byte", "description": "Base64 PNG overlay."},
-        "gradcam_central_share": {"type": "number", "minimum": 0, "maximum": 1},
-        "gradcam_shortcut_warning": {"type": "boolean"},
+        "messages": {"type": "array", "items": {"type": "string"},
+                     "description": "The gate's reasons in words (rejected, or ok with outside_gate)."},
+        "ood_distance": {"type": "number", "description": "The gate's feature distance, when it matters "
+                                                          "(out of distribution, or near the limit)."},
+        "ood_limit": {"type": "number", "description": "The gate's distance limit."},
+        "review_recommended": {"type": "boolean", "description": "A person should review this answer: "
+                               "the probability is inside the review band, the film is near or beyond the "
+                               "gate's limit, or it was analysed with force=true although the gate refused it."},
+        "review_reasons": {"type": "array", "items": {"type": "string", "enum": [
+            "uncertain_probability", "near_gate_limit", "outside_gate"]}},
+        "outside_gate": {"type": "boolean", "description": "Analysed with force=true although the gate refused it."},
+        "gate_reasons": {"type": "array", "items": {"type": "string"},
+                         "description": "What the gate would have refused it for (with outside_gate)."},
+        "gradcam_png": {"type": "string", "format": "byte",
+                        "description": "Base64 PNG: the heatmap over the film at its own aspect ratio, 512 px wide."},
+        "gradcam_central_share": {"type": "number", "minimum": 0, "maximum": 1,
+                                  "description": "Share of the heatmap inside the central chest box (descriptive)."},
         "explain_error": {"type": "string", "description": "Why no heatmap could be drawn (e.g. a bundle "
                                                            "exported without a CAM output, served without PyTorch)."},
         "error": _ERROR["properties"]["error"],
@@ -77,6 +90,8 @@ def openapi_spec(*, operating_points: list[str], max_files: int, max_bytes: int)
                             "operating_point": {"type": "string", "enum": operating_points},
                             "threshold": {"type": "number", "minimum": 0, "maximum": 1},
                             "explain": {"type": "boolean", "description": "Add a Grad-CAM overlay."},
+                            "force": {"type": "boolean", "description": "Analyse images the input gate refuses; "
+                                      "they come back ok with outside_gate and review_recommended."},
                         },
                     }}}},
                 "responses": {

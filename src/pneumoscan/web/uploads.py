@@ -11,7 +11,8 @@ from flask import current_app, g, request
 from PIL import Image
 
 from pneumoscan.errors import InvalidImageError, PneumoscanError
-from pneumoscan.heatmap import heatmap, overlay, png_bytes
+from pneumoscan.gate import describe_reason
+from pneumoscan.heatmap import display_image, heatmap, overlay, png_bytes
 from pneumoscan.inference import Predictor
 from pneumoscan.web.deadline import decode_slot
 
@@ -56,15 +57,31 @@ def _png_base64(image: Image.Image) -> str:
     return base64.b64encode(png_bytes(image)).decode()
 
 
+#: Longest side of a refused film's thumbnail on the page.
+THUMBNAIL_SIDE = 160
+
+
+def _flag(name: str) -> bool:
+    return request.values.get(name, "").lower() in ("1", "true", "yes", "on")
+
+
+def _gate_words(result, limit: float | None) -> list[str]:
+    return [describe_reason(reason, distance=result.distance, limit=limit) for reason in result.reasons]
+
+
 def predict_uploads(*, layers: bool = False) -> list[dict[str, Any]]:
     """Predict every file in the multipart field ``file``.
 
     Each result has ``filename`` and ``status``: ``ok`` results add ``label``,
-    ``probability_pneumonia``, ``threshold`` and ``operating_point``; ``rejected`` results (the
-    input gate refused the image) add machine-readable ``reasons``; ``error`` results add ``error``.
-    With ``explain``, ``ok`` results add the Grad-CAM overlay; with ``layers`` (for the web page)
-    they add the square X-ray and the heatmap as separate PNGs instead, so the page can toggle and
-    fade the heatmap.
+    ``probability_pneumonia``, ``threshold``, ``operating_point``, ``review_recommended`` and
+    ``review_reasons``; ``rejected`` results (the input gate refused the image) add
+    machine-readable ``reasons`` and their ``messages`` in words; ``error`` results add ``error``.
+    With ``force``, the gate's refusals are analysed anyway: such results are ``ok`` and carry
+    ``outside_gate: true`` with the ``gate_reasons``, and review is always recommended.
+    With ``explain``, ``ok`` results add the Grad-CAM overlay on the film at its own aspect ratio;
+    with ``layers`` (for the web page) they add the film and the heatmap as separate PNGs instead,
+    so the page can toggle and fade the heatmap, and refused films add a thumbnail and the upload
+    itself (base64), so "analyse anyway" can send it again without the server keeping it.
 
     Raises:
         UploadError: no ``file`` field with a file in it, or more files than MAX_FILES.
@@ -78,7 +95,8 @@ def predict_uploads(*, layers: bool = False) -> list[dict[str, Any]]:
         raise UploadError(f"{len(files)} files in one request; the limit is {limit}",
                           code="too_many_files", http_status=413)
     model = predictor()
-    explain = request.values.get("explain", "").lower() in ("1", "true", "yes", "on")
+    explain, force = _flag("explain"), _flag("force")
+    limit = model.gate.threshold if model.gate is not None else None
     operating_point = request.values.get("operating_point") or None
     threshold = _float_or_none(request.values.get("threshold"))
     model.decision.threshold_for(operating_point, threshold)  # a bad choice fails the request up front
@@ -95,12 +113,19 @@ def predict_uploads(*, layers: bool = False) -> list[dict[str, Any]]:
                             "error": {"code": exc.code, "message": str(exc)},
                             "http_status": exc.http_status})
             continue
-        result = model.predict([image], names=[name], operating_point=operating_point, threshold=threshold)[0]
+        result = model.predict([image], names=[name], operating_point=operating_point, threshold=threshold,
+                               gate=not force)[0]
+        distance_matters = {"out_of_distribution", "near_gate_limit"} & set(result.reasons + result.review_reasons)
         if result.status == "rejected":
             entry: dict[str, Any] = {"filename": name, "status": "rejected", "image_sha256": digest,
-                                     "reasons": list(result.reasons)}
-            if "out_of_distribution" in result.reasons and result.distance is not None:
-                entry["ood_distance"] = round(result.distance, 3)
+                                     "reasons": list(result.reasons), "messages": _gate_words(result, limit)}
+            if distance_matters and result.distance is not None:
+                entry["ood_distance"], entry["ood_limit"] = round(result.distance, 3), round(limit, 3)
+            if layers:
+                thumbnail = image.convert("RGB") if image.mode not in ("L", "RGB") else image.copy()
+                thumbnail.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+                entry["thumbnail_png"] = _png_base64(thumbnail)
+                entry["upload_b64"] = base64.b64encode(data).decode()
             results.append(entry)
             continue
         entry = {
@@ -108,7 +133,13 @@ def predict_uploads(*, layers: bool = False) -> list[dict[str, Any]]:
             "probability_pneumonia": round(result.probability, 6),
             "threshold": round(result.threshold, 6),
             "operating_point": result.operating_point,
+            "review_recommended": result.review_recommended,
+            "review_reasons": list(result.review_reasons),
         }
+        if result.reasons:  # analysed although the gate refuses it (force)
+            entry.update(outside_gate=True, gate_reasons=list(result.reasons), messages=_gate_words(result, limit))
+        if distance_matters and result.distance is not None and limit is not None:
+            entry["ood_distance"], entry["ood_limit"] = round(result.distance, 3), round(limit, 3)
         if explain:
             try:
                 explanation = model.explain(image)
@@ -116,14 +147,13 @@ def predict_uploads(*, layers: bool = False) -> list[dict[str, Any]]:
                 entry["explain_error"] = str(exc)
                 results.append(entry)
                 continue
-            square = Image.fromarray(model.preprocessing.pixels(image)[0])  # exactly what the model saw
+            film = display_image(image)  # the film at its own aspect ratio; the map stretches back onto it
             if layers:
-                entry["xray_png"] = _png_base64(square)
-                entry["heatmap_png"] = _png_base64(heatmap(explanation.cam, square.size))
+                entry["xray_png"] = _png_base64(film)
+                entry["heatmap_png"] = _png_base64(heatmap(explanation.cam, film.size))
             else:
-                entry["gradcam_png"] = _png_base64(overlay(square, explanation.cam))
+                entry["gradcam_png"] = _png_base64(overlay(film, explanation.cam))
             entry["gradcam_central_share"] = round(explanation.central_share, 4)
-            entry["gradcam_shortcut_warning"] = explanation.shortcut_warning
         results.append(entry)
     _account(results)
     return results

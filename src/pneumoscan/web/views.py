@@ -33,8 +33,19 @@ def _page(results=None, error=None):
                            operating_points=model.operating_points,
                            point_choices=point_choices(model.operating_points, model.decision.default_operating_point),
                            results=results, error=error,
-                           downloadable=[{k: v for k, v in r.items() if not k.endswith("_png") and k != "http_status"}
-                                         for r in results or []])
+                           downloadable=[{k: v for k, v in r.items() if k not in _NOT_DOWNLOADED and not k.endswith("_png")}
+                                         for r in results or []],
+                           review_words=REVIEW_WORDS, review_band=dict(model.decision.review) or None)
+
+
+#: Page-only fields: the images and the refused upload itself stay out of the downloads.
+_NOT_DOWNLOADED = frozenset({"http_status", "upload_b64"})
+#: How each review reason reads on a result card.
+REVIEW_WORDS = {
+    "uncertain_probability": "the probability is close to the threshold, inside the review band",
+    "near_gate_limit": "the film is unusual for this model, close to the input gate's limit",
+    "outside_gate": "the input gate would have refused this film; it was analysed anyway",
+}
 
 
 @bp.get("/")

@@ -84,7 +84,8 @@ function setupDownloads() {
     setTimeout(() => URL.revokeObjectURL(link.href), 1000);
   };
   const columns = ["filename", "status", "label", "probability_pneumonia", "threshold", "operating_point",
-                   "reasons", "error", "image_sha256"];
+                   "review_recommended", "review_reasons", "outside_gate", "reasons", "gate_reasons", "error",
+                   "image_sha256"];
   const cell = (value) => {
     let text = value == null ? "" : Array.isArray(value) ? value.join(";")
       : typeof value === "object" ? (value.message || "") : String(value);
@@ -98,8 +99,26 @@ function setupDownloads() {
          [columns.join(","), ...results.map((r) => columns.map((c) => cell(r[c])).join(","))].join("\n") + "\n"));
 }
 
+// "Analyse anyway" on a refused film: send the same file again, with force=true. The page holds
+// the upload (the server kept nothing), so it is put back into the form's file input and posted.
+function setupAnalyseAnyway() {
+  const form = document.getElementById("upload-form");
+  const input = document.getElementById("file");
+  const force = document.getElementById("force");
+  if (!form || !input || !force) return;
+  document.querySelectorAll(".analyse-anyway").forEach((button) => button.addEventListener("click", () => {
+    const bytes = Uint8Array.from(atob(button.dataset.upload), (c) => c.charCodeAt(0));
+    const transfer = new DataTransfer();
+    transfer.items.add(new File([bytes], button.dataset.filename));
+    input.files = transfer.files;
+    force.value = "true";
+    form.requestSubmit();
+  }));
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   setupDropzone();
+  setupAnalyseAnyway();
   setupWorking();
   setupDownloads();
   document.querySelectorAll(".card.ok").forEach(setupCard);
