@@ -34,7 +34,7 @@ WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
 #: The digest (manifest sha256) of the packaged default bundle: editing its files and its manifest
 #: together is caught too. Updated whenever the default bundle is rewritten.
-DEFAULT_BUNDLE_DIGEST = "0fcaa86a39dace9e420bc0015788a84e3224cd06c08a40894494600b4e42467c"
+DEFAULT_BUNDLE_DIGEST = "6b36226d705dece071a6be4744eef84500f8a9f9045618ef49220962ace0a063"
 _FORMAT = 1
 
 
