@@ -37,8 +37,11 @@ def live_server(tiny_bundle: Path, tmp_path: Path):
 
     spec = read_spec(tiny_bundle)
     points = {"balanced": 0.5, "high_sensitivity": 0.0, "high_specificity": 1.0}
+    # a review band over (0.01, 0.99): the tiny model's films land inside it, so the flag shows
+    review = {**spec.decision.review, "low": 0.01, "high": 0.99}
     bundle = tmp_path / "bundle"
-    rewrite_bundle(tiny_bundle, spec.replace(decision=replace(spec.decision, operating_points=points, threshold=0.5)), bundle,
+    rewrite_bundle(tiny_bundle, spec.replace(decision=replace(spec.decision, operating_points=points, threshold=0.5,
+                                                                review=review)), bundle,
                    extra_files={"split.csv": tiny_bundle / "split.csv"})
     app = create_app({"MODEL_DIR": str(bundle), "SECRET_KEY": "test"})
     server = make_server("127.0.0.1", 0, app, threaded=True)
@@ -106,8 +109,19 @@ def test_upload_explain_switch_and_refuse_in_chromium(live_server: str, page) ->
     assert card.locator(".label").inner_text() == ("PNEUMONIA" if probability >= 0.5 else "NORMAL")
     assert card.locator(".probability").inner_text() == f"{probability:.3f}"
 
+    if 0.01 < probability < 0.99:
+        assert card.locator(".review-flag").inner_text().startswith("Review recommended")
+        assert "review" in card.get_attribute("class").split()
+    assert card.locator(".cam-legend").inner_text().split() == ["low", "high", "evidence", "for", "pneumonia"]
     heatmap = card.locator("img.heatmap")
+    # hidden by default on a NORMAL answer, shown on a PNEUMONIA one
+    assert heatmap.is_visible() is (probability >= 0.5)
+    card.locator(".cam-toggle").check()
     assert heatmap.is_visible()
+    xray_box = card.locator("img.xray").bounding_box()
+    assert xray_box["width"] >= 448  # drawn at least 448 px wide
+    natural = card.locator("img.xray").evaluate("el => [el.naturalWidth, el.naturalHeight]")
+    assert natural[1] / natural[0] == pytest.approx(144 / 160, abs=0.01)  # the film's own aspect ratio
     card.locator(".cam-opacity").fill("80")
     assert heatmap.evaluate("el => getComputedStyle(el).opacity") == "0.8"
     card.locator(".cam-toggle").uncheck()
@@ -127,11 +141,15 @@ def test_upload_explain_switch_and_refuse_in_chromium(live_server: str, page) ->
     assert "rejected" in photo_card.get_attribute("class").split()
     assert photo_card.locator("li[data-reason=colour_image]").count() == 1
     assert photo_card.locator(".label").inner_text() == "Not analysed"
+    assert photo_card.locator("li[data-reason=colour_image]").inner_text() == "a colour image; radiographs are greyscale"
+    thumbnail = photo_card.locator("img.thumbnail")
+    assert thumbnail.is_visible() and 0 < max(thumbnail.evaluate("el => [el.naturalWidth, el.naturalHeight]")) <= 160
 
     with page.expect_download() as download:
         page.click("#download-csv")
     rows = Path(download.value.path()).read_text().splitlines()
-    assert rows[0] == "filename,status,label,probability_pneumonia,threshold,operating_point,reasons,error,image_sha256"
+    assert rows[0] == ("filename,status,label,probability_pneumonia,threshold,operating_point,review_recommended,"
+                       "review_reasons,outside_gate,reasons,gate_reasons,error,image_sha256")
     assert rows[1].startswith("chest.png,ok,") and rows[2].startswith("holiday.jpg,rejected,,")
     assert "colour_image" in rows[2]
     with page.expect_download() as download:
@@ -139,10 +157,40 @@ def test_upload_explain_switch_and_refuse_in_chromium(live_server: str, page) ->
     results = json.loads(Path(download.value.path()).read_text())
     assert [r["filename"] for r in results] == ["chest.png", "holiday.jpg"]
     assert results[0]["probability_pneumonia"] == pytest.approx(probability, abs=1e-6)
-    assert not any(key.endswith("_png") for r in results for key in r)  # no images in the download
+    assert not any(key.endswith("_png") or key == "upload_b64" for r in results for key in r)  # no images
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "browser-upload.png"), full_page=True)
 
+    # "Analyse anyway" sends the refused photo again with force=true: it comes back analysed,
+    # marked as outside the gate, with review recommended.
+    page.locator("article.card", has_text="holiday.jpg").locator(".analyse-anyway").click()
+    page.wait_for_selector("article.card.outside-gate")
+    forced = page.locator("article.card", has_text="holiday.jpg")
+    assert forced.get_attribute("class").split()[:2] == ["card", "ok"]
+    assert forced.locator(".label").inner_text() in ("NORMAL", "PNEUMONIA")
+    assert "Analysed outside the input gate" in forced.locator(".outside-gate-note").inner_text()
+    assert forced.locator("li[data-review-reason=outside_gate]").count() == 1
+    page.screenshot(path=str(ARTIFACTS / "browser-analyse-anyway.png"), full_page=True)
+
     page.click("nav >> text=Model card")
     assert "Intended use" in page.inner_text(".model-card")
+    assert "Review is recommended when P(pneumonia) lies between 0.010 and 0.990" in page.inner_text(".review-band")
+
+
+def test_api_docs_render_from_the_package_under_the_csp(live_server: str, page) -> None:
+    """Swagger UI at /api/docs: its files come from this server, and the CSP blocks nothing."""
+    violations, requests = [], []
+    page.on("console", lambda message: violations.append(message.text)
+            if "Content Security Policy" in message.text else None)
+    page.on("request", lambda request: requests.append(request.url))
+    page.goto(live_server + "/api/docs")
+    page.wait_for_selector(".swagger-ui .info .title")
+    assert "pneumoscan API" in page.inner_text(".swagger-ui .info .title")
+    page.wait_for_selector("#operations-default-predict")
+    page.click("#operations-default-predict .opblock-summary")
+    assert "force" in page.inner_text("#operations-default-predict")
+    assert not violations, violations
+    assert all(url.startswith(live_server) or url.startswith("data:") for url in requests), requests
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser-api-docs.png"), full_page=False)

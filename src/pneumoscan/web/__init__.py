@@ -56,13 +56,14 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions["pneumoscan_metrics"] = install_metrics(app)
     app.extensions["pneumoscan_ready"] = True
 
-    from pneumoscan.web import api, views
+    from pneumoscan.web import api, docs, views
 
     csrf = CSRFProtect()
     csrf.exempt(api.bp)
     install_security(app, csrf)
     app.register_blueprint(views.bp)
     app.register_blueprint(api.bp, url_prefix="/api/v1")
+    app.register_blueprint(docs.bp)
     _register_error_handlers(app)
     return app
 
