@@ -57,15 +57,18 @@ def reliability_figure(y_true: Sequence[int], prob_before: Sequence[float], prob
 
 def risk_coverage_figure(y_true: Sequence[int], prob: Sequence[float], *, threshold: float | np.ndarray,
                          points: dict[str, tuple[float, float]], target: float, title: str):
-    """Error rate among the films answered without review, against the share answered, as the
-    films are set aside for review from the least certain (nearest the threshold in log-odds) up.
-    ``points`` marks review bands: name -> (coverage, error rate outside)."""
+    """Error rate among the films answered without review, against the share answered, as films
+    are set aside for review from the highest calibrated chance of a wrong label down (``p`` for a
+    NORMAL answer, ``1 - p`` for PNEUMONIA): the order in which the review band takes them, so a
+    band's point lies on the curve. ``points`` marks review bands: name -> (coverage, error rate
+    outside)."""
     y = np.asarray(y_true, dtype=np.int64)
-    p = np.clip(np.asarray(prob, dtype=np.float64), 1e-12, 1 - 1e-12)
-    t = np.clip(np.broadcast_to(np.asarray(threshold, dtype=np.float64), p.shape), 1e-12, 1 - 1e-12)
-    margin = np.abs(np.log(p / (1 - p)) - np.log(t / (1 - t)))
-    order = np.argsort(-margin)  # most certain first
-    wrong = ((p >= t).astype(np.int64) != y)[order]
+    p = np.asarray(prob, dtype=np.float64)
+    t = np.broadcast_to(np.asarray(threshold, dtype=np.float64), p.shape)
+    called = (p >= t).astype(np.int64)
+    chance_wrong = np.where(called == 1, 1 - p, p)
+    order = np.argsort(chance_wrong, kind="stable")  # most certain first
+    wrong = (called != y)[order]
     kept = np.arange(1, len(y) + 1)
     fig, ax = _figure(5.5, 4.5)
     ax.plot(kept / len(y), np.cumsum(wrong) / kept, lw=1.5, label="answered without review")
