@@ -56,11 +56,41 @@ def test_seed_head_matches_the_original_design() -> None:
 
 
 def test_imagenet_weights_fail_clearly_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from urllib.error import URLError
+
+    def offline(url, dst, *args, **kwargs):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(WeightsUnavailableError, match="resnet50-0676ba61.pth.*--weights PATH"):
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(WeightsUnavailableError, match=r"resnet50-0676ba61.pth is not in .*checkpoints and could not be "
+                                                      r"downloaded from https://download.pytorch.org/.*name resolution.*"
+                                                      r"--weights PATH") as caught:
         create_classifier("resnet50", weights="imagenet")
+    assert "\n" not in str(caught.value)
     with pytest.raises(WeightsUnavailableError, match="does not exist"):
         create_classifier("vgg19", weights=str(tmp_path / "missing.pth"))
+
+
+def test_imagenet_weights_come_from_the_cache_or_a_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision's mechanism: the hub cache first; when it lacks the file, a download into it."""
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    source = torchvision.models.resnet50(weights=None)
+    downloads = []
+
+    def download(url, dst, *args, **kwargs):  # stands in for the network
+        downloads.append(url)
+        torch.save(source.state_dict(), dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    model = create_classifier("resnet50", weights="imagenet", input_size=64)
+    torch.testing.assert_close(model.features.layer1[0].conv1.weight, source.layer1[0].conv1.weight)
+    assert downloads == [torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url]
+    assert (tmp_path / "hub" / "checkpoints" / "resnet50-0676ba61.pth").is_file()
+    create_classifier("resnet50", weights="imagenet", input_size=64)  # now from the cache
+    assert len(downloads) == 1
 
 
 def test_weights_from_a_local_file(tmp_path: Path) -> None:

