@@ -97,6 +97,18 @@ def tiny_bundle(request: pytest.FixtureRequest) -> Path:
     return bundle
 
 
+@pytest.fixture(scope="session")
+def exported_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny bundle with its ONNX graph (the light install gets one already exported)."""
+    if (tiny_bundle / "model.onnx").is_file():
+        return tiny_bundle
+    from pneumoscan.export import export_bundle_onnx
+
+    out = tmp_path_factory.mktemp("exported") / "bundle"
+    export_bundle_onnx(tiny_bundle, out)
+    return out
+
+
 @pytest.fixture()
 def app(tiny_bundle: Path):
     from pneumoscan.web import create_app

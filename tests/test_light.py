@@ -37,18 +37,6 @@ def _run(code: str, *args: str) -> subprocess.CompletedProcess:
                           timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-@pytest.fixture(scope="module")
-def exported_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny bundle with its ONNX graph (the light install gets one already exported)."""
-    if (tiny_bundle / "model.onnx").is_file():
-        return tiny_bundle
-    from pneumoscan.export import export_bundle_onnx
-
-    out = tmp_path_factory.mktemp("exported") / "bundle"
-    export_bundle_onnx(tiny_bundle, out)
-    return out
-
-
 def test_the_app_predicts_and_explains_without_torch(exported_bundle: Path, tmp_path: Path) -> None:
     image = tmp_path / "x.png"
     image.write_bytes(image_bytes(make_xray(7, pneumonia=True)))

@@ -11,23 +11,12 @@ import pytest
 from conftest import make_xray
 
 
-@pytest.fixture(scope="module")
-def exported(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if (tiny_bundle / "model.onnx").is_file():
-        return tiny_bundle
-    from pneumoscan.export import export_bundle_onnx
-
-    out = tmp_path_factory.mktemp("exported") / "bundle"
-    export_bundle_onnx(tiny_bundle, out)
-    return out
-
-
-def test_openvino_gives_onnx_runtimes_probabilities_and_heatmaps(exported: Path) -> None:
+def test_openvino_gives_onnx_runtimes_probabilities_and_heatmaps(exported_bundle: Path) -> None:
     pytest.importorskip("openvino", reason="the optional OpenVINO backend is not installed")
     from pneumoscan.inference import Predictor
 
-    reference = Predictor.from_bundle(exported, backend="onnxruntime")
-    openvino = Predictor.from_bundle(exported, backend="openvino")
+    reference = Predictor.from_bundle(exported_bundle, backend="onnxruntime")
+    openvino = Predictor.from_bundle(exported_bundle, backend="openvino")
     assert openvino.backend == "openvino" and openvino.runner.has_cam
     images = [make_xray(seed) for seed in range(6)]
     expected, got = reference.predict(images, gate=False), openvino.predict(images, gate=False)
@@ -36,13 +25,13 @@ def test_openvino_gives_onnx_runtimes_probabilities_and_heatmaps(exported: Path)
     assert np.abs(openvino.explain(images[0]).cam - reference.explain(images[0]).cam).max() < 1e-4
 
 
-def test_openvino_backend_without_the_package_names_the_extra(exported: Path, monkeypatch) -> None:
+def test_openvino_backend_without_the_package_names_the_extra(exported_bundle: Path, monkeypatch) -> None:
     from pneumoscan.errors import ConfigError
     from pneumoscan.inference import Predictor
 
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
     with pytest.raises(ConfigError, match=r"pip install 'pneumoscan\[openvino\]'"):
-        Predictor.from_bundle(exported, backend="openvino")
+        Predictor.from_bundle(exported_bundle, backend="openvino")
 
 
 def test_openvino_backend_needs_an_exported_graph(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -56,11 +45,11 @@ def test_openvino_backend_needs_an_exported_graph(tiny_bundle: Path, tmp_path: P
         Predictor.from_bundle(tiny_bundle, backend="openvino")
 
 
-def test_workers_share_the_model_only_when_forking_is_safe(exported: Path, tiny_bundle: Path) -> None:
+def test_workers_share_the_model_only_when_forking_is_safe(exported_bundle: Path, tiny_bundle: Path) -> None:
     from pneumoscan.integrity import read_spec
     from pneumoscan.web.server import shares_model
 
-    spec = read_spec(exported)
+    spec = read_spec(exported_bundle)
     assert shares_model(spec, 1, "auto") and shares_model(spec, 1, "onnxruntime")
     assert not shares_model(spec, 2, "auto")  # ONNX Runtime's thread pool would not survive the fork
     assert not shares_model(spec, 1, "openvino") and not shares_model(spec, 1, "torch")
