@@ -12,6 +12,8 @@ eager and on ONNX Runtime, measured side by side in one run.
 - ``--members 1,3,5``: single-image end-to-end latency on ONNX Runtime of ensembles of K members
   of the bundle's architecture plus the independent gate's frozen extractor, exported as one
   graph each (random weights: timing only).
+ONNX Runtime's session settings and OpenVINO's runtime on the bundle's graph are compared side by
+side in ``bench/ort_settings.py`` (no PyTorch needed).
 The seed-equivalent is torchvision's ResNet50 with the seed's Flatten-512-128-2 head (random
 weights: timing only). Without ``--data`` the image is a synthetic 1024x1024 JPEG.
 """
