@@ -122,3 +122,25 @@ def test_explain_cli_skips_what_the_gate_refuses(tiny_bundle: Path, xray_root: P
     forced = CliRunner().invoke(app, ["explain", str(photo), "--no-gate", "--model", str(tiny_bundle),
                                       "--out", str(tmp_path / "forced")])
     assert forced.exit_code == 0 and (tmp_path / "forced" / "holiday.gradcam.png").is_file()
+
+
+def test_a_large_jpeg_is_drawn_from_a_display_scale_decode(client, monkeypatch) -> None:
+    """The network's input decodes at the scale covering its input size; the page's film is
+    decoded again at the scale covering the display width, so a 512-px overlay is not upsampled."""
+    import pneumoscan.web.uploads as uploads
+
+    film = make_xray(5, size=(2400, 2000))  # smooth: well under the test app's 2 MB upload limit
+    calls = []
+    original = uploads.decode_image
+
+    def recording(data, **kwargs):
+        image = original(data, **kwargs)
+        calls.append((kwargs.get("draft_size"), image.size))
+        return image
+
+    monkeypatch.setattr(uploads, "decode_image", recording)
+    data = {"file": [(io.BytesIO(image_bytes(film, "JPEG")), "big.jpg")], "explain": "true", "force": "true"}
+    page = client.post("/", data=data, content_type="multipart/form-data").get_data(as_text=True)
+    assert calls == [(DISPLAY_WIDTH, (1200, 1000))]  # 1/2: the smallest DCT scale covering 512 px both ways
+    shown = Image.open(io.BytesIO(base64.b64decode(page.split('class="xray" src="data:image/png;base64,')[1].split('"')[0])))
+    assert shown.size == (DISPLAY_WIDTH, round(DISPLAY_WIDTH * 2000 / 2400))

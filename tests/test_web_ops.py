@@ -152,6 +152,8 @@ def test_model_card_page_and_recorded_evaluation(tiny_bundle: Path, xray_root: P
     page = client.get("/model").get_data(as_text=True)
     assert "Metrics: test (n = 12)" in page and "Intended use" in page
     assert f"{accuracy['value']:.3f}" in page and f"{accuracy['ci_low']:.3f}" in page
+    review = recorded["review"]["probability_band"]  # the review flag's figures travel with them
+    assert f"{review['flagged']} of {review['n']} films flagged" in page
 
 
 def test_a_pinned_bundle_digest_is_enforced(tiny_bundle: Path) -> None:

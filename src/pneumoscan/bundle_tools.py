@@ -105,7 +105,7 @@ def record_evaluation(bundle_dir: Path | None, metrics: dict[str, Any]) -> None:
     if metrics["model"]["weights_sha256"] != spec.weights_sha256:
         raise BundleError(f"these metrics belong to other weights than those in {bundle_dir}")
     keep = ("n", "n_by_class", "n_unreadable", "operating_point", "tta", "ci", "calibration", "input_gate",
-            "site_calibrated")
+            "site_calibrated", "review")
     entry = {key: metrics[key] for key in keep if key in metrics}
     entry["operating_points"] = metrics["operating_points"]
     entry["dataset"] = Path(str(metrics["data"])).name

@@ -12,7 +12,8 @@ from PIL import Image
 
 from pneumoscan.errors import InvalidImageError, PneumoscanError
 from pneumoscan.gate import describe_reason
-from pneumoscan.heatmap import display_image, heatmap, overlay, png_bytes
+from pneumoscan.heatmap import DISPLAY_WIDTH, display_image, heatmap, overlay, png_bytes
+from pneumoscan.imaging import decode_image
 from pneumoscan.inference import Predictor
 from pneumoscan.web.deadline import decode_slot
 
@@ -147,7 +148,7 @@ def predict_uploads(*, layers: bool = False) -> list[dict[str, Any]]:
                 entry["explain_error"] = str(exc)
                 results.append(entry)
                 continue
-            film = display_image(image)  # the film at its own aspect ratio; the map stretches back onto it
+            film = display_image(_display_source(data, image, name))  # its own aspect ratio; the map stretches back
             if layers:
                 entry["xray_png"] = _png_base64(film)
                 entry["heatmap_png"] = _png_base64(heatmap(explanation.cam, film.size))
@@ -157,6 +158,18 @@ def predict_uploads(*, layers: bool = False) -> list[dict[str, Any]]:
         results.append(entry)
     _account(results)
     return results
+
+
+def _display_source(data: bytes, image: Image.Image, name: str) -> Image.Image:
+    """The decoded film to draw a heatmap on. A large JPEG was decoded at the smallest DCT scale
+    that covers the network's input (often 250-450 px); drawing that 512 px wide would be soft, so
+    it is decoded once more at the scale that covers the display width, under the same limits and
+    in a decoding slot. The network's input is never taken from this copy."""
+    if image.width >= DISPLAY_WIDTH or not data.startswith(b"\xff\xd8\xff"):
+        return image
+    with decode_slot():
+        sharper = decode_image(data, name=name, draft_size=DISPLAY_WIDTH)
+    return sharper if sharper.width > image.width else image
 
 
 def _account(results: list[dict[str, Any]]) -> None:
