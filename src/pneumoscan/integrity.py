@@ -34,7 +34,7 @@ WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
 #: The digest (manifest sha256) of the packaged default bundle: editing its files and its manifest
 #: together is caught too. Updated whenever the default bundle is rewritten.
-DEFAULT_BUNDLE_DIGEST = "6b36226d705dece071a6be4744eef84500f8a9f9045618ef49220962ace0a063"
+DEFAULT_BUNDLE_DIGEST = "aa725f370e8fafa3976888faa848c6c70c76cccd22197721304ede61a9ab1509"
 _FORMAT = 1
 
 
