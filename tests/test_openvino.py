@@ -18,6 +18,8 @@ def test_openvino_gives_onnx_runtimes_probabilities_and_heatmaps(exported_bundle
     reference = Predictor.from_bundle(exported_bundle, backend="onnxruntime")
     openvino = Predictor.from_bundle(exported_bundle, backend="openvino")
     assert openvino.backend == "openvino" and openvino.runner.has_cam
+    # unpinned: pinned, every gunicorn worker's inference thread would share the first core
+    assert openvino.runner.compiled.get_property("ENABLE_CPU_PINNING") is False
     images = [make_xray(seed) for seed in range(6)]
     expected, got = reference.predict(images, gate=False), openvino.predict(images, gate=False)
     assert [r.label for r in got] == [r.label for r in expected]

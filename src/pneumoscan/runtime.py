@@ -136,7 +136,9 @@ class OpenVinoRunner:
         try:
             self.compiled = ov.Core().compile_model(str(path), "CPU", {
                 "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads or default_threads(),
-                "INFERENCE_PRECISION_HINT": "f32"})
+                "INFERENCE_PRECISION_HINT": "f32",
+                # Pinned, every gunicorn worker's thread lands on the same first core(s).
+                "ENABLE_CPU_PINNING": False})
         except Exception as exc:
             raise BundleError(f"{path} could not be compiled by OpenVINO: {str(exc).strip().splitlines()[0]}") from None
         names = {name for output in self.compiled.outputs for name in output.get_names()}
