@@ -61,8 +61,20 @@ def test_api_keys_when_configured(tiny_bundle: Path, monkeypatch) -> None:
     ok = client.post("/api/v1/predict", data=_upload(), headers={"X-API-Key": "alpha-key"},
                      content_type="multipart/form-data")
     assert ok.status_code == 200 and ok.get_json()["results"][0]["status"] == "ok"
-    assert client.get("/api/v1/openapi.json").status_code == 200  # the API's description stays open
+    spec = client.get("/api/v1/openapi.json")
+    assert spec.status_code == 200  # the API's description stays open, and says how to send a key
+    predict = spec.get_json()["paths"]["/api/v1/predict"]["post"]
+    assert predict["security"] == [{"bearer": []}, {"apiKeyHeader": []}] and "401" in predict["responses"]
+    # the docs page and its files stay open too (Swagger UI's Authorize button takes the key)
+    assert client.get("/api/docs").status_code == 200
+    assert client.get("/api/docs/assets/swagger-ui-bundle.js").status_code == 200
+    assert client.get("/api/docs/assets/../v1/model").status_code in (401, 404)
     assert client.get("/healthz").status_code == 200
+
+
+def test_the_openapi_document_names_no_key_scheme_when_keys_are_off(client) -> None:
+    spec = client.get("/api/v1/openapi.json").get_json()
+    assert "components" not in spec and "security" not in spec["paths"]["/api/v1/predict"]["post"]
 
 
 def test_rate_limit_when_configured(tiny_bundle: Path) -> None:

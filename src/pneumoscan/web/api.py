@@ -41,4 +41,5 @@ def openapi():
     """The OpenAPI 3.0 description of this API (with this app's limits and operating points)."""
     return jsonify(openapi_spec(operating_points=list(predictor().operating_points),
                                 max_files=current_app.config["MAX_FILES"],
-                                max_bytes=current_app.config["MAX_CONTENT_LENGTH"]))
+                                max_bytes=current_app.config["MAX_CONTENT_LENGTH"],
+                                api_keys=bool(current_app.extensions.get("pneumoscan_api_keys"))))

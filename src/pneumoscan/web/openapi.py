@@ -59,8 +59,10 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def openapi_spec(*, operating_points: list[str], max_files: int, max_bytes: int) -> dict[str, Any]:
-    """The spec for one app: its model's operating points and its configured limits."""
+def openapi_spec(*, operating_points: list[str], max_files: int, max_bytes: int,
+                 api_keys: bool = False) -> dict[str, Any]:
+    """The spec for one app: its model's operating points, its configured limits, and (when the
+    app requires API keys) the two ways to send one."""
     errors = {
         "400": _json(_ERROR, "Malformed request (no file field, a broken chunked body) or a bad option "
                              "(threshold, operating point)."),
@@ -72,7 +74,7 @@ def openapi_spec(*, operating_points: list[str], max_files: int, max_bytes: int)
         "503": _json(_ERROR, "The server could not decode the images within the request deadline (busy); "
                              "retry after the Retry-After seconds."),
     }
-    return {
+    spec: dict[str, Any] = {
         "openapi": "3.0.3",
         "info": {"title": "pneumoscan API", "version": __version__,
                  "description": "Pneumonia detection on paediatric chest X-rays. Research use only, "
@@ -127,3 +129,12 @@ def openapi_spec(*, operating_points: list[str], max_files: int, max_bytes: int)
             }},
         },
     }
+    if api_keys:
+        spec["components"] = {"securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}}
+        for path in ("/api/v1/predict", "/api/v1/model"):
+            for operation in spec["paths"][path].values():
+                operation["security"] = [{"bearer": []}, {"apiKeyHeader": []}]
+                operation["responses"]["401"] = _json(_ERROR, "No valid API key.")
+    return spec

@@ -27,8 +27,10 @@ SECURITY_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
     "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
 }
-#: Open without a key even when keys are configured: the API's own description.
-PUBLIC_API_PATHS = frozenset({"/api/v1/openapi.json"})
+#: Open without a key even when keys are configured: the API's own description, and the docs
+#: page that renders it (its "Authorize" button takes the key for "Try it out").
+PUBLIC_API_PATHS = frozenset({"/api/v1/openapi.json", "/api/docs"})
+PUBLIC_API_PREFIXES = ("/api/docs/assets/",)
 
 
 class Unauthorized(PneumoscanError):
@@ -53,7 +55,8 @@ def install_security(app: Flask, csrf: CSRFProtect) -> None:
 
     @app.before_request
     def require_api_key() -> None:
-        if not keys or not request.path.startswith("/api/") or request.path in PUBLIC_API_PATHS:
+        if (not keys or not request.path.startswith("/api/") or request.path in PUBLIC_API_PATHS
+                or request.path.startswith(PUBLIC_API_PREFIXES)):
             return
         presented = _presented_key().encode()
         # compare_digest against every key: the time taken does not reveal how much matched
