@@ -45,15 +45,3 @@ def test_openvino_backend_needs_an_exported_graph(tiny_bundle: Path, tmp_path: P
         pytest.skip("this environment's test bundle is exported")
     with pytest.raises(ConfigError, match="has no ONNX model"):
         Predictor.from_bundle(tiny_bundle, backend="openvino")
-
-
-def test_workers_share_the_model_only_when_forking_is_safe(exported_bundle: Path, tiny_bundle: Path) -> None:
-    from pneumoscan.integrity import read_spec
-    from pneumoscan.web.server import shares_model
-
-    spec = read_spec(exported_bundle)
-    assert shares_model(spec, 1, "auto") and shares_model(spec, 1, "onnxruntime")
-    assert not shares_model(spec, 2, "auto")  # ONNX Runtime's thread pool would not survive the fork
-    assert not shares_model(spec, 1, "openvino") and not shares_model(spec, 1, "torch")
-    if read_spec(tiny_bundle).onnx is None:
-        assert not shares_model(read_spec(tiny_bundle), 1, "auto")  # PyTorch runs it

@@ -252,3 +252,16 @@ def test_the_selectors_disappear_when_every_point_coincides(tiny_bundle: Path, t
     assert "P(pneumonia)" in page
     model_page = client.get("/model").get_data(as_text=True)
     assert "balanced / high sensitivity / high specificity" in model_page
+
+
+def test_workers_share_the_model_only_when_forking_is_safe(exported_bundle: Path, tiny_bundle: Path) -> None:
+    from pneumoscan.integrity import read_spec
+    from pneumoscan.web.server import shares_model
+
+    spec = read_spec(exported_bundle)
+    assert shares_model(spec, 1, "auto") and shares_model(spec, 1, "onnxruntime")
+    assert not shares_model(spec, 2, "auto")  # ONNX Runtime's thread pool would not survive the fork
+    assert not shares_model(spec, 1, "openvino") and not shares_model(spec, 1, "torch")
+    assert not shares_model(spec, 1, "auto", allow_torch_fallback=True)  # a tampered graph would load PyTorch
+    if read_spec(tiny_bundle).onnx is None:
+        assert not shares_model(read_spec(tiny_bundle), 1, "auto")  # PyTorch runs it

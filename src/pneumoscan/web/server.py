@@ -59,16 +59,17 @@ def _worker_exit(server, worker) -> None:
     multiprocess.mark_process_dead(worker.pid)
 
 
-def shares_model(spec, inference_threads: int, backend: str) -> bool:
+def shares_model(spec, inference_threads: int, backend: str, allow_torch_fallback: bool = False) -> bool:
     """Whether the master loads the app (and its ONNX Runtime session) before forking the workers.
 
     The workers then share the session's weights copy-on-write: 327 MB of PSS for master + 2
     workers instead of 446 MB with one load per worker (the bundled ensemble, 2 cores). Only safe
     when the session has started no threads (one intra-op thread runs on the calling thread) and
-    ONNX Runtime is the runner (PyTorch's OpenMP threads and OpenVINO's TBB threads do not
-    survive a fork).
+    ONNX Runtime is sure to be the runner (PyTorch's OpenMP threads and OpenVINO's TBB threads do
+    not survive a fork; with the PyTorch fallback allowed, a tampered graph would load PyTorch).
     """
-    return inference_threads == 1 and spec.onnx is not None and backend in ("auto", "onnxruntime")
+    return (inference_threads == 1 and spec.onnx is not None and backend in ("auto", "onnxruntime")
+            and not allow_torch_fallback)
 
 
 def run_gunicorn(*, model_dir: Path | None, host: str, port: int, workers: int | None, threads: int,
@@ -111,7 +112,7 @@ def run_gunicorn(*, model_dir: Path | None, host: str, port: int, workers: int |
     spec = verify_bundle(bundle, check_onnx=not config["ALLOW_TORCH_FALLBACK"], expected_digest=config["MODEL_SHA256"])
     if config["AUDIT_LOG"]:
         AuditLog(config["AUDIT_LOG"])  # an unwritable path fails now, not in every worker
-    shared = shares_model(spec, inference_threads, config["BACKEND"])
+    shared = shares_model(spec, inference_threads, config["BACKEND"], config["ALLOW_TORCH_FALLBACK"])
     log.info("the model is %s", f"loaded once, before the {workers} worker(s) fork, and shared by them" if shared
              else f"loaded by each of the {workers} worker(s) ({inference_threads} inference thread(s) each)")
     options: dict[str, Any] = {
