@@ -147,6 +147,10 @@ def test_site_calibration_is_recorded_and_checked(tiny_bundle: Path, tmp_path: P
     from pneumoscan.card import model_card
 
     assert model_card(spec)["decision"]["site_calibration"]["source"] == "site"
+    # the review band is refitted on the site's 40 films, around the site's threshold
+    review = spec.decision.review
+    assert review["n"] == 40 and review["low"] <= spec.decision.threshold <= review["high"]
+    assert model_card(spec)["decision"]["review_band"] == dict(review)
     # bad site folders: one clear line each
     small = _site(tmp_path / "small", 19)
     (tmp_path / "lopsided" / "NORMAL").mkdir(parents=True)
