@@ -117,8 +117,8 @@ def review_band(y_true: Sequence[int], prob: Sequence[float], threshold: float, 
         low = float(sigmoid(logit(max(low0, edge)) - widen))
         high = float(sigmoid(logit(min(high0, 1 - edge)) + widen))
         outside = (p <= low) | (p >= high)
-        accuracy = float(correct[outside].mean()) if outside.any() else 1.0
-        if accuracy >= target or not outside.any():
+        accuracy = float(correct[outside].mean()) if outside.any() else 1.0  # nothing outside: done
+        if accuracy >= target:
             break
         widen += step
     return {"low": round(low, 6), "high": round(high, 6), "target_accuracy": target,

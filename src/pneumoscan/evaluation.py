@@ -46,15 +46,16 @@ def review_summary(y_true: np.ndarray, prob: np.ndarray, threshold: float | np.n
 
 def _review(spec, kept, y_true: np.ndarray, y_score: np.ndarray, threshold: float) -> dict:
     """The bundle's review flag on these images: its probability band alone, and every reason."""
-    band = spec.decision.review
-    if not band:
+    decision = spec.decision
+    if not decision.review:
         return {"available": False}
-    low, high = min(band["low"], threshold), max(band["high"], threshold)
-    in_band = (y_score > low) & (y_score < high)
+    low, high = decision.review_band_for(threshold)
+    # what Predictor flagged on each image (Decision.review_reasons), not a second computation
+    in_band = np.array(["uncertain_probability" in o.review_reasons for _, o in kept])
     any_reason = np.array([bool(o.review_reasons) for _, o in kept])
     reasons = Counter(reason for _, o in kept for reason in o.review_reasons)
-    return {"available": True, "band": {"low": low, "high": high}, "target_accuracy": band["target_accuracy"],
-            "fitted_on": f"{spec.decision.site.get('source', 'site sample')}" if spec.decision.site else "validation",
+    return {"available": True, "band": {"low": low, "high": high}, "target_accuracy": decision.review["target_accuracy"],
+            "fitted_on": decision.site.get("source", "site sample") if decision.site else "validation",
             "probability_band": review_summary(y_true, y_score, threshold, in_band),
             "any_reason": review_summary(y_true, y_score, threshold, any_reason),
             "reasons": dict(sorted(reasons.items())),

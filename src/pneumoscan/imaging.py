@@ -37,7 +37,8 @@ MAX_JPEG_SCANS: int = 100
 #: Bytes per pixel of Pillow's own storage for each mode (RGB is stored as 4 bytes).
 _BYTES_PER_PIXEL: dict[str, int] = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2}
 _SOS = b"\xff\xda"  # JPEG start-of-scan; entropy-coded data never contains it (0xFF is stuffed)
-_SIGNATURES: tuple[bytes, ...] = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+_SIGNATURES: tuple[bytes, ...] = (JPEG_SIGNATURE, b"\x89PNG\r\n\x1a\n")  # JPEG, PNG
 
 def decode_image(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXELS,
                  draft_size: int | None = None) -> Image.Image:

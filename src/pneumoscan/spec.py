@@ -79,13 +79,17 @@ class Decision:
         if not self.review:
             return ()
         reasons = []
-        low, high = min(self.review["low"], threshold), max(self.review["high"], threshold)
+        low, high = self.review_band_for(threshold)
         if low < probability < high:
             reasons.append("uncertain_probability")
         fraction = self.review.get("distance_fraction")
         if distance is not None and gate_limit and fraction is not None and distance > fraction * gate_limit:
             reasons.append("near_gate_limit")
         return tuple(reasons)
+
+    def review_band_for(self, threshold: float) -> tuple[float, float]:
+        """The review band in use with ``threshold``: the fitted band, widened to include it."""
+        return min(self.review["low"], threshold), max(self.review["high"], threshold)
 
     def probability(self, log_odds: np.ndarray | float) -> np.ndarray:
         """Uncalibrated log-odds -> calibrated P(pneumonia) (float64)."""
@@ -258,11 +262,10 @@ def _validate(spec: "BundleSpec", source: str) -> None:
     if decision.operating_points and decision.default_operating_point not in decision.operating_points:
         problems.append(f"the default operating point {decision.default_operating_point!r} is not one of "
                         f"{list(decision.operating_points)}")
-    review = dict(decision.review)
-    if review and not all(_number(review.get(k)) and 0 <= review[k] <= 1 for k in ("low", "high")) \
-            or review and review["low"] > review["high"]:
-        problems.append(f"the review band must be two numbers 0 <= low <= high <= 1, got "
-                        f"{review.get('low')!r} and {review.get('high')!r}")
+    if decision.review:
+        low, high = decision.review.get("low"), decision.review.get("high")
+        if not (_number(low) and _number(high) and 0 <= low <= high <= 1):
+            problems.append(f"the review band must be two numbers 0 <= low <= high <= 1, got {low!r} and {high!r}")
     if not (isinstance(spec.members, int) and spec.members >= 1):
         problems.append(f"members must be a whole number >= 1, got {spec.members!r}")
     if spec.gate is not None and not (_number(spec.gate.threshold) and spec.gate.threshold > 0):

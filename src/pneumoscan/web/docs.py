@@ -9,7 +9,7 @@ from flask import Blueprint, abort, render_template, send_from_directory
 bp = Blueprint("docs", __name__)
 
 #: The only Swagger UI files the page loads.
-_ASSETS = frozenset({"swagger-ui.css", "swagger-ui-bundle.js", "swagger-ui-standalone-preset.js"})
+_ASSETS = frozenset({"swagger-ui.css", "swagger-ui-bundle.js"})
 
 
 @bp.get("/api/docs")

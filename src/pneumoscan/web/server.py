@@ -84,7 +84,7 @@ def run_gunicorn(*, model_dir: Path | None, host: str, port: int, workers: int |
         ConfigError: a setting is invalid.
     """
     from pneumoscan.errors import ConfigError
-    from pneumoscan.runtime import usable_cores
+    from pneumoscan.runtime import default_threads, usable_cores
     from pneumoscan.web.audit import AuditLog
     from pneumoscan.web.config import load_config
 
@@ -98,8 +98,6 @@ def run_gunicorn(*, model_dir: Path | None, host: str, port: int, workers: int |
     # Workers share the cores: each one's ONNX Runtime gets its part (2 workers x 1 thread served
     # 81 requests/s on 2 cores where 1 worker x 2 threads served 47, bench/load.py).
     os.environ.setdefault("PNEUMOSCAN_INFERENCE_THREADS", str(max(1, cores // workers)))
-    from pneumoscan.runtime import default_threads
-
     inference_threads = default_threads()
     for key, value in (settings or {}).items():
         os.environ[f"PNEUMOSCAN_{key}"] = str(value)

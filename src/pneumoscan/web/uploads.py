@@ -13,7 +13,7 @@ from PIL import Image
 from pneumoscan.errors import InvalidImageError, PneumoscanError
 from pneumoscan.gate import describe_reason
 from pneumoscan.heatmap import DISPLAY_WIDTH, display_image, heatmap, overlay, png_bytes
-from pneumoscan.imaging import decode_image
+from pneumoscan.imaging import JPEG_SIGNATURE, decode_image
 from pneumoscan.inference import Predictor
 from pneumoscan.web.deadline import decode_slot
 
@@ -70,6 +70,15 @@ def _gate_words(result, limit: float | None) -> list[str]:
     return [describe_reason(reason, distance=result.distance, limit=limit) for reason in result.reasons]
 
 
+def _gate_distance(result, limit: float | None) -> dict[str, float]:
+    """``ood_distance`` and ``ood_limit`` when the distance is why the gate refused the film or
+    why review is recommended; nothing otherwise."""
+    if result.distance is None or limit is None or not {"out_of_distribution", "near_gate_limit"} & {
+            *result.reasons, *result.review_reasons}:
+        return {}
+    return {"ood_distance": round(result.distance, 3), "ood_limit": round(limit, 3)}
+
+
 def predict_uploads(*, layers: bool = False) -> list[dict[str, Any]]:
     """Predict every file in the multipart field ``file``.
 
@@ -116,12 +125,11 @@ def predict_uploads(*, layers: bool = False) -> list[dict[str, Any]]:
             continue
         result = model.predict([image], names=[name], operating_point=operating_point, threshold=threshold,
                                gate=not force)[0]
-        distance_matters = {"out_of_distribution", "near_gate_limit"} & set(result.reasons + result.review_reasons)
+        distance = _gate_distance(result, limit)
         if result.status == "rejected":
             entry: dict[str, Any] = {"filename": name, "status": "rejected", "image_sha256": digest,
-                                     "reasons": list(result.reasons), "messages": _gate_words(result, limit)}
-            if distance_matters and result.distance is not None:
-                entry["ood_distance"], entry["ood_limit"] = round(result.distance, 3), round(limit, 3)
+                                     "reasons": list(result.reasons), "messages": _gate_words(result, limit),
+                                     **distance}
             if layers:
                 thumbnail = image.convert("RGB") if image.mode not in ("L", "RGB") else image.copy()
                 thumbnail.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
@@ -139,8 +147,7 @@ def predict_uploads(*, layers: bool = False) -> list[dict[str, Any]]:
         }
         if result.reasons:  # analysed although the gate refuses it (force)
             entry.update(outside_gate=True, gate_reasons=list(result.reasons), messages=_gate_words(result, limit))
-        if distance_matters and result.distance is not None and limit is not None:
-            entry["ood_distance"], entry["ood_limit"] = round(result.distance, 3), round(limit, 3)
+        entry.update(distance)
         if explain:
             try:
                 explanation = model.explain(image)
@@ -165,7 +172,7 @@ def _display_source(data: bytes, image: Image.Image, name: str) -> Image.Image:
     that covers the network's input (often 250-450 px); drawing that 512 px wide would be soft, so
     it is decoded once more at the scale that covers the display width, under the same limits and
     in a decoding slot. The network's input is never taken from this copy."""
-    if image.width >= DISPLAY_WIDTH or not data.startswith(b"\xff\xd8\xff"):
+    if image.width >= DISPLAY_WIDTH or not data.startswith(JPEG_SIGNATURE):
         return image
     with decode_slot():
         sharper = decode_image(data, name=name, draft_size=DISPLAY_WIDTH)
