@@ -189,7 +189,8 @@ def test_api_docs_render_from_the_package_under_the_csp(live_server: str, page) 
     assert "pneumoscan API" in page.inner_text(".swagger-ui .info .title")
     page.wait_for_selector("#operations-default-predict")
     page.click("#operations-default-predict .opblock-summary")
-    assert "force" in page.inner_text("#operations-default-predict")
+    # Swagger UI expands the operation on a later render, so wait for its text rather than read it at once
+    playwright_api.expect(page.locator("#operations-default-predict")).to_contain_text("force", timeout=15_000)
     assert not violations, violations
     assert all(url.startswith(live_server) or url.startswith("data:") for url in requests), requests
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
