@@ -106,10 +106,11 @@ def review_band(y_true: Sequence[int], prob: Sequence[float], threshold: float, 
     a near-separable validation split's few errors fall, so it does not jump from one split to
     the next; the widening is what keeps the stated accuracy when calibration is optimistic.
     """
+    from scipy.special import logit
+
     y = np.asarray(y_true, dtype=np.int64)
     p = np.asarray(prob, dtype=np.float64)
     correct = (p >= threshold).astype(np.int64) == y
-    logit = lambda q: float(np.log(q / (1 - q)))  # noqa: E731
     low0, high0 = min(1 - target, threshold), max(target, threshold)
     edge = 1e-9
     widen = 0.0

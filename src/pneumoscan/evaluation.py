@@ -222,6 +222,9 @@ def render_report(metrics: dict, *, failed: Sequence[str] = ()) -> str:
     def fmt(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
+    def with_ci(estimate: dict) -> str:
+        return f"{fmt(estimate['value'])} ({fmt(estimate['ci_low'])}-{fmt(estimate['ci_high'])})"
+
     for name in METRIC_NAMES:
         m = metrics[name]
         lines.append(f"| {name} | {fmt(m['value'])} | {fmt(m['ci_low'])} - {fmt(m['ci_high'])} |")
@@ -242,8 +245,7 @@ def render_report(metrics: dict, *, failed: Sequence[str] = ()) -> str:
         "|---|---:|" + "---:|" * len(METRIC_NAMES),
     ]
     for name, point in metrics["operating_points"].items():
-        cells = [f"{fmt(point[m]['value'])} ({fmt(point[m]['ci_low'])}-{fmt(point[m]['ci_high'])})"
-                 for m in METRIC_NAMES]
+        cells = [with_ci(point[m]) for m in METRIC_NAMES]
         lines.append(f"| {name} | {point['threshold']:.4f} | " + " | ".join(cells) + " |")
     cal = metrics["calibration"]
     lines += [
@@ -266,10 +268,8 @@ def render_report(metrics: dict, *, failed: Sequence[str] = ()) -> str:
             "",
             "| flag | flagged | coverage (95% CI) | accuracy outside (95% CI) | accuracy of the flagged |",
             "|---|---:|---:|---:|---:|",
-            *[f"| {label} | {part['flagged']} of {part['n']} | {fmt(part['coverage']['value'])} "
-              f"({fmt(part['coverage']['ci_low'])}-{fmt(part['coverage']['ci_high'])}) | "
-              f"{fmt(part['accuracy_outside']['value'])} ({fmt(part['accuracy_outside']['ci_low'])}-"
-              f"{fmt(part['accuracy_outside']['ci_high'])}) | {fmt(part['accuracy_flagged']['value'])} |"
+            *[f"| {label} | {part['flagged']} of {part['n']} | {with_ci(part['coverage'])} | "
+              f"{with_ci(part['accuracy_outside'])} | {fmt(part['accuracy_flagged']['value'])} |"
               for label, part in (("probability band", review["probability_band"]),
                                   ("any reason (band, gate margin)", review["any_reason"]))],
             "",
@@ -293,9 +293,7 @@ def render_report(metrics: dict, *, failed: Sequence[str] = ()) -> str:
         band = site.get("review_band")
         if band:
             lines += [f"Review band refitted in each fold: {band['flagged']} of {band['n']} flagged, coverage "
-                      f"{fmt(band['coverage']['value'])} ({fmt(band['coverage']['ci_low'])}-{fmt(band['coverage']['ci_high'])}), "
-                      f"accuracy outside {fmt(band['accuracy_outside']['value'])} "
-                      f"({fmt(band['accuracy_outside']['ci_low'])}-{fmt(band['accuracy_outside']['ci_high'])}).", ""]
+                      f"{with_ci(band['coverage'])}, accuracy outside {with_ci(band['accuracy_outside'])}.", ""]
     if failed:
         lines += [f"{len(failed)} file(s) could not be read and are left out:", ""]
         lines += [f"- `{p}`" for p in failed] + [""]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pneumoscan.errors import ConfigError
-from pneumoscan.models import Classifier, Ensemble
+from pneumoscan.models import Classifier, Ensemble, supports_cam
 from pneumoscan.runtime import OnnxRunner, TorchRunner
 from pneumoscan.spec import BundleSpec, OnnxInfo
 
@@ -36,10 +36,7 @@ def export_onnx(model: Classifier | Ensemble, spec: BundleSpec, path: Path, *,
     Raises:
         ConfigError: the backbone has an operation the exporter cannot express.
     """
-    from pneumoscan.models import cam_weights
-
-    members = list(model.members) if isinstance(model, Ensemble) else [model]
-    with_cam = all(cam_weights(member) is not None for member in members)
+    with_cam = supports_cam(model)
     network = TorchRunner.for_bundle(model, spec, extractor=extractor, with_cam=with_cam).network
     example = torch.zeros(2, 1, spec.input_size, spec.input_size, dtype=torch.uint8)
     outputs = ["log_odds", "features", "cam"] if with_cam else ["log_odds", "features"]

@@ -16,7 +16,7 @@ from pneumoscan.models.bundle import (
     verify_bundle,
     verify_part,
 )
-from pneumoscan.models.network import HEADS, Classifier, Ensemble, PixelNetwork, cam_weights, normalize, pooled
+from pneumoscan.models.network import HEADS, Classifier, Ensemble, PixelNetwork, normalize, pooled, supports_cam
 from pneumoscan.models.registry import (
     backbone_info,
     create_classifier,
@@ -33,7 +33,6 @@ __all__ = [
     "backbone_info",
     "build_network",
     "bundle_digest",
-    "cam_weights",
     "create_classifier",
     "default_bundle_path",
     "list_backbones",
@@ -46,6 +45,7 @@ __all__ = [
     "register_backbone",
     "save_bundle",
     "seal_bundle",
+    "supports_cam",
     "verify_bundle",
     "verify_part",
 ]

@@ -125,7 +125,7 @@ class PixelNetwork(nn.Module):
                             ("extractor_mean_t", extractor_mean), ("extractor_std_t", extractor_std)):
             self.register_buffer(name, torch.tensor(value, dtype=torch.float32), persistent=False)
         self.with_cam = with_cam
-        if with_cam and not all(cam_weights(member) is not None for member in _members(net)):
+        if with_cam and not supports_cam(net):
             raise ConfigError("a class activation map needs the pool head (global average pool, then linear)")
 
     def gate_features(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -154,6 +154,11 @@ class PixelNetwork(nn.Module):
 
 def _members(net: Classifier | Ensemble) -> list[Classifier]:
     return list(net.members) if isinstance(net, Ensemble) else [net]
+
+
+def supports_cam(net: Classifier | Ensemble) -> bool:
+    """Whether every member has a pool head, so the graph can compute its class activation map."""
+    return all(cam_weights(member) is not None for member in _members(net))
 
 
 def cam_weights(member: Classifier) -> torch.Tensor | None:

@@ -98,9 +98,9 @@ def run_gunicorn(*, model_dir: Path | None, host: str, port: int, workers: int |
     # Workers share the cores: each one's ONNX Runtime gets its part (2 workers x 1 thread served
     # 81 requests/s on 2 cores where 1 worker x 2 threads served 47, bench/load.py).
     os.environ.setdefault("PNEUMOSCAN_INFERENCE_THREADS", str(max(1, cores // workers)))
-    inference_threads = default_threads()
     for key, value in (settings or {}).items():
         os.environ[f"PNEUMOSCAN_{key}"] = str(value)
+    inference_threads = default_threads()  # after the settings: one of them may set it
     if not os.environ.get("PNEUMOSCAN_SECRET_KEY"):
         # One random key for all workers: a form served by one worker must validate on another.
         os.environ["PNEUMOSCAN_SECRET_KEY"] = secrets.token_hex(32)
