@@ -62,11 +62,43 @@ def _decoding_bombs() -> list[tuple[str, bytes, set[str]]]:
         ("progressive-3000-scans.jpg", bombs.progressive_jpeg(256, 3000), budget),
         ("progressive-6000.jpg", _progressive_claiming(6000, 6000), budget),  # full-size coefficients
     ]
+    mismatch = {"dicom_frame_mismatch"}
+    cases += [
+        # a frame's own header decides what its codec allocates (a 2 kB file took 4.5 GB before)
+        ("dicom-jpeg-frame-claims-30000.dcm", bombs.dicom_frame_claiming(30000, "jpeg"), mismatch),
+        ("dicom-j2k-frame-claims-40000.dcm", _j2k_dicom_claiming(40000), mismatch),
+        ("dicom-rle-segment-64mb.dcm", bombs.rle_dicom_overflowing(64), mismatch),
+        ("dicom-deflate-10000.dcm", bombs.deflated_dicom(10000), budget),  # 98 kB -> 100 MB inflated
+        ("tall-1x60000000.png", bombs.tall_png(60_000_000), budget),  # 117 kB, a pointer per row
+        ("palette-8000.png", bombs.palette_png(8000), budget),
+    ]
     try:
         cases.append(("multiframe-jpegls-8000.dcm", bombs.multiframe_dicom(8000, 8), budget))
+        cases.append(("dicom-jpegls-frame-claims-30000.dcm", bombs.dicom_frame_claiming(30000, "jpegls"), mismatch))
     except RuntimeError:  # pyjpegls (the encoder, a test extra) is not installed
         pass
     return cases
+
+
+def _j2k_dicom_claiming(side: int) -> bytes:
+    """A 64 x 64 JPEG 2000 DICOM whose frame is a bare SIZ header declaring ``side`` x ``side``."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    bombs = _bench_bombs()
+    siz = struct.pack(">HHIIIIIIIIH", 41, 0, side, side, 0, 0, side, side, 0, 0, 1) + bytes([15, 1, 1])
+    ds = bombs._dicom_dataset(64, 64, 16, JPEG2000Lossless)
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + siz + b"\xff\xd9"])
+    ds["PixelData"].VR = "OB"
+    return bombs._saved(ds)
+
+
+def _mpo() -> bytes:
+    """A two-frame MPO (what phone cameras and Ultra HDR write): a JPEG with a second image after it."""
+    xray = make_xray(11, size=(160, 144))
+    buffer = io.BytesIO()
+    xray.save(buffer, format="MPO", save_all=True, append_images=[xray.resize((80, 72))])
+    return buffer.getvalue()
 
 
 def _png_text_bomb() -> bytes:
@@ -168,5 +200,7 @@ def hostile_files() -> list[tuple[str, bytes, set[str]]]:
         ("sliver.png", image_bytes(make_xray(5, size=(2000, 40))), {"rejected"}),
         ("blank.png", image_bytes(Image.new("L", (256, 256), 0)), {"rejected"}),
         ("photo.jpg", _encoded(Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)), "JPEG"), {"rejected"}),
+        ("camera.mpo.jpg", _mpo(), strange_but_valid),
+        ("deflated.dcm", _bench_bombs().deflated_dicom(96, 16), strange_but_valid),
     ]
     return cases + _dicoms() + _decoding_bombs()

@@ -211,3 +211,96 @@ def test_only_the_first_frame_of_a_multi_frame_file_is_decoded() -> None:
     with pytest.raises(InvalidImageError, match="limit is 64 MB") as caught:
         decode_image(bombs.multiframe_dicom(5700, 2), name="big.dcm")  # 65 MB a frame
     assert caught.value.code == "decode_budget_exceeded" and 5700 * 5700 * 2 > MAX_DECODE_BYTES
+
+
+def _bombs():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_bombs", Path(__file__).parents[1] / "bench" / "bombs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("codec", ["jpeg", "jpegls"])
+def test_a_frame_whose_own_header_agrees_decodes_and_one_that_lies_is_refused_naming_both_sizes(codec: str) -> None:
+    if codec == "jpegls":
+        pytest.importorskip("jpeg_ls")
+    bombs = _bombs()
+    assert decode_image(bombs.dicom_frame_claiming(64, codec), name="honest.dcm").size == (64, 64)
+    with pytest.raises(InvalidImageError, match="declares 30000x30000 .* DICOM header says 64x64") as caught:
+        decode_image(bombs.dicom_frame_claiming(30000, codec), name="liar.dcm")
+    assert caught.value.code == "dicom_frame_mismatch" and caught.value.http_status == 422
+
+
+def test_rle_segments_are_measured_before_pydicom_expands_them() -> None:
+    bombs = _bombs()
+    with pytest.raises(InvalidImageError, match="RLE segment 1 decodes to more than the 64x64") as caught:
+        decode_image(bombs.rle_dicom_overflowing(16), name="rle.dcm")
+    assert caught.value.code == "dicom_frame_mismatch"
+    wrong_count = bytearray(make_dicom(_gradient(), syntax=RLELossless))  # 16-bit: 2 segments
+    at = wrong_count.index(b"\x02\x00\x00\x00\x40\x00\x00\x00")
+    wrong_count[at] = 1
+    with pytest.raises(InvalidImageError, match="1 segment\\(s\\); .* needs 2"):
+        decode_image(bytes(wrong_count), name="rle.dcm")
+
+
+def test_deflated_data_sets_inflate_in_a_bounded_stream() -> None:
+    """pydicom inflates a Deflated data set whole: 98 kB became 100 MB before any check."""
+    import tracemalloc
+
+    from pneumoscan.dicom.pixels import MAX_INFLATED_BYTES
+
+    bombs = _bombs()
+    small = decode_image(bombs.deflated_dicom(96, 16), name="deflated.dcm")
+    first_row = np.asarray(small)[0]
+    assert small.size == (96, 96) and first_row[1] > first_row[0] and np.asarray(small)[1:].max() == 0
+    bomb = bombs.deflated_dicom(10000)  # 100 MB of samples
+    assert len(bomb) < 200_000
+    tracemalloc.start()
+    with pytest.raises(InvalidImageError, match="inflates to more than 80 MB") as caught:
+        decode_image(bomb, name="bomb.dcm")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert caught.value.code == "decode_budget_exceeded" and peak < 1.25 * MAX_INFLATED_BYTES  # the limit, plus a bytearray's headroom
+
+
+def test_a_32_bit_film_is_rescaled_a_band_at_a_time() -> None:
+    """The rescale and window made full-size float64 copies (+505 MB for a 32-bit 4000^2 film)."""
+    import tracemalloc
+
+    side = 1500
+    pixels = (np.arange(side * side, dtype=np.uint32).reshape(side, side) * 97) % 100_000
+    data = make_dicom(pixels, extra={"BitsStored": 32, "HighBit": 31, "RescaleSlope": "0.5",
+                                     "RescaleIntercept": "-10", "WindowCenter": "20000", "WindowWidth": "30000"})
+    tracemalloc.start()
+    image = decode_image(data, name="32bit.dcm")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    grey = np.asarray(image)
+    assert image.size == (side, side) and grey.min() == 0 and grey.max() == 255
+    # the file's pixel data, its array and the 8-bit output (9 bytes a pixel), plus a band's copies;
+    # one float64 copy of the film alone would be 8 bytes a pixel more
+    assert peak < 16 * side * side  # full-size float64 copies took over 30 bytes a pixel
+
+
+def test_codestream_headers_are_read_without_decoding() -> None:
+    import struct
+
+    from pneumoscan.dicom import codestreams
+
+    jpeg = io.BytesIO()
+    Image.fromarray(_gradient(8)).save(jpeg, format="JPEG")
+    header = codestreams.jpeg_header(jpeg.getvalue())
+    assert (header.columns, header.rows, header.components, header.precision) == (80, 96, 1, 8)
+    siz = struct.pack(">HHIIIIIIIIH", 41, 0, 300, 200, 10, 20, 300, 200, 0, 0, 1) + bytes([11, 1, 1])
+    header = codestreams.j2k_header(b"\xff\x4f\xff\x51" + siz)
+    assert (header.columns, header.rows, header.components, header.precision) == (290, 180, 1, 12)
+    for broken in (b"", b"\xff\xd8", b"\xff\xd8\xff\xda\x00\x02", jpeg.getvalue()[:40]):
+        with pytest.raises(codestreams.CodestreamError):
+            codestreams.jpeg_header(broken)
+    with pytest.raises(codestreams.CodestreamError):
+        codestreams.j2k_header(b"\xff\x4f\xff\x51" + siz[:10])
+    assert codestreams.rle_decoded_length(b"\x81\x07" * 1000, limit=300) <= 300 + 128
+    assert codestreams.rle_decoded_length(b"\x02abc\xfe\x00\x80", limit=100) == 6

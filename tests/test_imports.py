@@ -24,7 +24,7 @@ FORBIDDEN = [
     (("pneumoscan.evaluation",), ("pneumoscan.training", "pneumoscan.export", "pneumoscan.bundle_tools",
                                   "pneumoscan.web", "lightning")),
     (("pneumoscan.stats", "pneumoscan.calibration", "pneumoscan.spec", "pneumoscan.imaging", "pneumoscan.gate",
-      "pneumoscan.integrity",
+      "pneumoscan.integrity", "pneumoscan.dicom.pixels", "pneumoscan.dicom.codestreams",
       "pneumoscan.plots"), ("pneumoscan.models", "pneumoscan.inference", "pneumoscan.training", "torch", "lightning")),
     (("pneumoscan.models", "pneumoscan.data", "pneumoscan.bundle_tools", "pneumoscan.export", "pneumoscan.card"),
      ("pneumoscan.training", "pneumoscan.web", "lightning")),

@@ -19,7 +19,7 @@ from PIL import Image
 
 #: ``Image.info`` key where :func:`pneumoscan.imaging.decode_image` records the source's colourfulness.
 COLOURFULNESS_KEY = "pneumoscan_colourfulness"
-#: ``Image.info`` keys where :func:`pneumoscan.data.decode_dicom` records Modality and ViewPosition.
+#: ``Image.info`` keys where :func:`pneumoscan.dicom.pixels.decode_dicom` records Modality and ViewPosition.
 DICOM_MODALITY_KEY = "pneumoscan_dicom_modality"
 DICOM_VIEW_KEY = "pneumoscan_dicom_view_position"
 

@@ -9,17 +9,15 @@ everything the same way keeps train, test and served images alike. numpy and Pil
 from __future__ import annotations
 
 import io
-import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pneumoscan.errors import InvalidImageError
-from pneumoscan.gate import COLOURFULNESS_KEY, DICOM_MODALITY_KEY, DICOM_VIEW_KEY, colourfulness
+from pneumoscan.gate import COLOURFULNESS_KEY, colourfulness
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".dcm"})
 #: Decoding more pixels than this is refused before the pixel data is read (decompression bombs).
@@ -34,11 +32,18 @@ MAX_DECODE_BYTES: int = 64_000_000
 #: thousands of empty scans cost tens of seconds of CPU. Encoders write about 6 (grey) to 10
 #: (colour); libjpeg-turbo's documentation suggests limits of a few hundred.
 MAX_JPEG_SCANS: int = 100
-#: Bytes per pixel of Pillow's own storage for each mode (RGB is stored as 4 bytes).
-_BYTES_PER_PIXEL: dict[str, int] = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2}
+#: Bytes per pixel of Pillow's own storage for each mode (RGB is stored as 4 bytes); a palette
+#: image costs its indices plus the grey image its palette is mapped to (no RGBA copy is made).
+_BYTES_PER_PIXEL: dict[str, int] = {"1": 1, "L": 1, "P": 2, "I;16": 2, "I;16B": 2, "I;16L": 2}
+#: Pillow keeps a pointer per row for every full-size image (the decoded one and the resize's
+#: reduced copy): a 1 x 60,000,000 PNG is 60 MB of pixels but cost +1 GB in row tables.
+ROW_BYTES: int = 16
 _SOS = b"\xff\xda"  # JPEG start-of-scan; entropy-coded data never contains it (0xFF is stuffed)
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 _SIGNATURES: tuple[bytes, ...] = (JPEG_SIGNATURE, b"\x89PNG\r\n\x1a\n")  # JPEG, PNG
+#: Pillow's formats decoded here. MPO (phone cameras, Ultra HDR) is a JPEG followed by more
+#: images: its first frame is the picture, and only that frame is decoded.
+_FORMATS = ("JPEG", "MPO", "PNG")
 
 def decode_image(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXELS,
                  draft_size: int | None = None) -> Image.Image:
@@ -54,6 +59,8 @@ def decode_image(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXE
     if not data:
         raise InvalidImageError(f"{name}: the file is empty", code="empty_file")
     if data[128:132] == b"DICM":
+        from pneumoscan.dicom.pixels import decode_dicom
+
         return decode_dicom(data, name=name, max_pixels=max_pixels)
     try:
         image = Image.open(io.BytesIO(data))
@@ -68,7 +75,7 @@ def decode_image(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXE
         ) from None
     except Exception as exc:  # Pillow raises many types on hostile headers
         raise InvalidImageError(f"{name}: cannot read the image header ({exc})") from None
-    if image.format not in ("JPEG", "PNG"):
+    if image.format not in _FORMATS:
         raise InvalidImageError(
             f"{name}: {image.format} images are not supported (use JPEG or PNG)",
             code="unsupported_media_type", http_status=415,
@@ -82,7 +89,7 @@ def decode_image(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXE
     if width < 1 or height < 1:
         raise InvalidImageError(f"{name}: the image has no pixels")
     try:
-        if draft_size is not None and image.format == "JPEG":
+        if draft_size is not None and image.format in ("JPEG", "MPO"):
             # keep the source's own mode: the input gate needs to know whether it was colour
             image.draft(image.mode, (draft_size, draft_size))
     except Exception as exc:
@@ -107,8 +114,8 @@ def _check_budget(image: Image.Image, full_size: tuple[int, int], data: bytes, n
         InvalidImageError: ``decode_budget_exceeded`` (413).
     """
     width, height = image.size  # after a JPEG draft: the reduced size actually decoded
-    cost = width * height * _BYTES_PER_PIXEL.get(image.mode, 4)
-    if image.format == "JPEG" and ("progressive" in image.info or "progression" in image.info):
+    cost = width * height * _BYTES_PER_PIXEL.get(image.mode, 4) + height * ROW_BYTES
+    if image.format in ("JPEG", "MPO") and ("progressive" in image.info or "progression" in image.info):
         # libjpeg holds every DCT coefficient (2 bytes) of a progressive image at full size,
         # whatever the draft scale, and walks all of them once per scan.
         cost = max(cost, full_size[0] * full_size[1] * 2 * len(image.getbands()))
@@ -116,74 +123,15 @@ def _check_budget(image: Image.Image, full_size: tuple[int, int], data: bytes, n
         if scans > MAX_JPEG_SCANS:
             raise InvalidImageError(f"{name}: the progressive JPEG has {scans} scans; the limit is {MAX_JPEG_SCANS}",
                                     code="decode_budget_exceeded", http_status=413)
-    _refuse_over_budget(cost, f"{full_size[0]}x{full_size[1]} {image.mode}", name)
+    refuse_over_budget(cost, f"{full_size[0]}x{full_size[1]} {image.mode}", name)
 
 
-def _refuse_over_budget(cost: int, what: str, name: str) -> None:
+def refuse_over_budget(cost: int, what: str, name: str) -> None:
+    """Raises InvalidImageError (``decode_budget_exceeded``) when ``cost`` bytes exceed the budget."""
     if cost > MAX_DECODE_BYTES:
         raise InvalidImageError(
             f"{name}: decoding this {what} image would take {cost / 1e6:.0f} MB of memory; "
             f"the limit is {MAX_DECODE_BYTES / 1e6:.0f} MB", code="decode_budget_exceeded", http_status=413)
-
-
-def decode_dicom(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """DICOM (Part 10) bytes -> 8-bit grey: Rescale (modality LUT), then VOI LUT / windowing,
-    then MONOCHROME1 inverted, then stretched to 0..255. All in memory.
-
-    Error messages never quote the data set, so patient identifiers cannot leak through them.
-
-    Raises:
-        InvalidImageError: unreadable DICOM, no pixel data, too many pixels, or a compressed
-            transfer syntax no installed decoder handles.
-    """
-    import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
-
-    _quiet_pydicom()
-    try:
-        dataset = pydicom.dcmread(io.BytesIO(data))
-    except Exception:
-        raise InvalidImageError(f"{name}: the DICOM file is corrupt or truncated") from None
-    if "PixelData" not in dataset:
-        raise InvalidImageError(f"{name}: the DICOM file has no pixel data", code="dicom_no_pixels")
-    try:
-        rows, columns = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
-        bytes_per_sample = -(-int(dataset.get("BitsAllocated", 16) or 16) // 8)
-        samples = int(dataset.get("SamplesPerPixel", 1) or 1)
-    except Exception:  # pydicom raises many types on a malformed element (NotImplementedError for a bad VR)
-        raise InvalidImageError(f"{name}: the DICOM image attributes (Rows, Columns, BitsAllocated) are invalid") from None
-    if rows * columns > max_pixels:
-        raise InvalidImageError(f"{name}: {columns}x{rows} pixels is more than the limit of {max_pixels}",
-                                code="too_many_pixels", http_status=413)
-    if samples != 1:
-        raise InvalidImageError(f"{name}: only single-channel (greyscale) DICOM images are supported",
-                                code="unsupported_media_type", http_status=415)
-    # One frame is decoded, whatever NumberOfFrames says (a multi-frame file cost every frame before).
-    _refuse_over_budget(rows * columns * bytes_per_sample, f"{columns}x{rows} {8 * bytes_per_sample}-bit DICOM", name)
-    try:
-        pixels = pixel_array(dataset, index=0)
-    except Exception as exc:  # pydicom and its decoders raise many types on broken pixel data
-        raise InvalidImageError(f"{name}: cannot decode the DICOM pixel data{_transfer_syntax(dataset)}: "
-                                f"{type(exc).__name__}", code="dicom_undecodable") from None
-    if pixels.ndim != 2:
-        raise InvalidImageError(f"{name}: only single-channel (greyscale) DICOM images are supported",
-                                code="unsupported_media_type", http_status=415)
-
-    def rescale_and_window(stored: np.ndarray) -> np.ndarray:
-        return apply_voi_lut(apply_modality_lut(stored, dataset), dataset)
-
-    invert = str(dataset.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
-    try:
-        grey = stretch_to_uint8(pixels, rescale_and_window, invert=invert)
-    except FloatingPointError:
-        raise InvalidImageError(f"{name}: the DICOM rescale or window gives non-finite pixel values") from None
-    except Exception:  # a malformed Rescale or VOI LUT / window attribute
-        raise InvalidImageError(f"{name}: the DICOM rescale or window (VOI LUT) attributes are invalid") from None
-    image = Image.fromarray(grey)
-    # Only these two acquisition tags travel on, for the input gate; no other tag leaves here.
-    image.info[DICOM_MODALITY_KEY] = str(dataset.get("Modality", "") or "").strip().upper()
-    image.info[DICOM_VIEW_KEY] = str(dataset.get("ViewPosition", "") or "").strip().upper()
-    return image
 
 
 _ROWS_PER_CHUNK = 256
@@ -215,9 +163,15 @@ def stretch_to_uint8(stored: np.ndarray, transform: Callable[[np.ndarray], np.nd
         for start in range(0, codes.shape[0], _ROWS_PER_CHUNK):
             out[start:start + _ROWS_PER_CHUNK] = lut[codes[start:start + _ROWS_PER_CHUNK]]
         return out
-    values = np.asarray(transform(stored), dtype=np.float32)  # 32-bit or float samples: rare, within budget
-    low, high = _finite_range(values)
-    return _stretched(values, low, high, invert)
+    # 32-bit or float samples: transformed a band of rows at a time, twice (range, then output), so
+    # the float64 copies a rescale and window make are a band's, not the film's (+505 MB before).
+    bands = [slice(start, start + _ROWS_PER_CHUNK) for start in range(0, stored.shape[0], _ROWS_PER_CHUNK)]
+    ranges = [_finite_range(np.asarray(transform(stored[band]), dtype=np.float64)) for band in bands]
+    low, high = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    out = np.empty(stored.shape, dtype=np.uint8)
+    for band in bands:
+        out[band] = _stretched(np.asarray(transform(stored[band]), dtype=np.float64), low, high, invert)
+    return out
 
 
 def _finite_range(values: np.ndarray) -> tuple[float, float]:
@@ -233,28 +187,6 @@ def _stretched(values: np.ndarray, low: float, high: float, invert: bool) -> np.
     return 255 - out if invert else out  # MONOCHROME1: low values are white
 
 
-def _withhold_values(record: logging.LogRecord) -> bool:
-    record.msg, record.args = "pydicom: a DICOM attribute could not be read as written (value withheld)", ()
-    return True
-
-
-def _quiet_pydicom() -> None:
-    """pydicom's warnings quote attribute values ("Unknown encoding 'Doe^Jane'"): tag values must
-    never reach a log, so its warnings are dropped and its log records lose their arguments.
-    Installed on every call (both are idempotent): code that resets the warning filters (pytest,
-    ``warnings.catch_warnings``) must not let them through again."""
-    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
-    logging.getLogger("pydicom").addFilter(_withhold_values)
-
-
-def _transfer_syntax(dataset: Any) -> str:
-    """`` (transfer syntax NAME)`` for error messages, or "" when the file's own value is unusable."""
-    try:
-        return f" (transfer syntax {dataset.file_meta.TransferSyntaxUID.name})"
-    except Exception:
-        return ""
-
-
 def _to_grey(image: Image.Image) -> Image.Image:
     """Any Pillow mode -> "L"."""
     if image.mode == "L":
@@ -262,7 +194,7 @@ def _to_grey(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return Image.fromarray(stretch_to_uint8(np.asarray(image)))
     if image.mode == "P":
-        image = image.convert("RGBA")
+        return _palette_to_grey(image)
     if image.mode in ("RGBA", "LA", "PA"):
         # On white, as a viewer shows a transparent PNG: on black, a semi-transparent film
         # darkens and reads as another exposure (P(pneumonia) 0.34 -> 0.80 in one case).
@@ -271,6 +203,29 @@ def _to_grey(image: Image.Image) -> Image.Image:
         grey = Image.new("L", image.size, 255)
         grey.paste(image.convert("L"), mask=image.getchannel("A"))
         return grey
+    return image.convert("L")
+
+
+def _palette_to_grey(image: Image.Image) -> Image.Image:
+    """A palette image -> "L" through its palette: each entry turned grey (ITU-R 601, as Pillow's
+    "L" conversion) and composited on white by its own alpha, then the indices mapped once. An
+    8000^2 palette PNG took +490 MB through a full-size RGBA copy; this takes its 64 MB."""
+    rgb = np.zeros((256, 3), dtype=np.float64)
+    palette = np.asarray(image.getpalette("RGB") or [], dtype=np.float64).reshape(-1, 3)[:256]
+    rgb[: len(palette)] = palette
+    alpha = np.full(256, 255.0)
+    if image.palette is not None and image.palette.mode == "RGBA":
+        alpha[: len(palette)] = np.asarray(image.getpalette("RGBA"), dtype=np.float64).reshape(-1, 4)[:256, 3]
+    transparency = image.info.get("transparency")
+    if isinstance(transparency, int) and 0 <= transparency < 256:
+        alpha[transparency] = 0.0
+    elif isinstance(transparency, bytes):
+        alpha[: min(len(transparency), 256)] = np.frombuffer(transparency[:256], dtype=np.uint8)
+    grey = rgb @ np.array([0.299, 0.587, 0.114])
+    composited = np.clip(np.round(grey * alpha / 255.0 + 255.0 * (1.0 - alpha / 255.0)), 0, 255).astype(np.uint8)
+    # The decoded image is this function's own: its palette is replaced in place, no pixel copied.
+    image.info.pop("transparency", None)
+    image.putpalette(np.repeat(composited, 3).tobytes(), "RGB")
     return image.convert("L")
 
 

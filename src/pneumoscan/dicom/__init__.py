@@ -1,0 +1,1 @@
+"""DICOM: pixel data decoded within the budget of every header (:mod:`.pixels`, :mod:`.codestreams`)."""
