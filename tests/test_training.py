@@ -381,3 +381,29 @@ def test_augmentation_keeps_shape_and_changes_pixels() -> None:
     assert out.shape == pixels.shape and out.dtype == torch.uint8
     assert not torch.equal(out, pixels)
     assert torch.equal(augmentation_pipeline(Augmentation.none())(pixels), pixels)
+
+
+class _Payload:
+    """Unpickling this runs a command: what a crafted last.ckpt can do under a permissive load."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_resume_never_unpickles_code_whatever_the_environment_says(xray_root: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    marker = tmp_path / "ran"
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": {}, "payload": _Payload(marker)}, tmp_path / "run" / "checkpoints" / "last.ckpt")
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # torch's default would then unpickle anything
+    with pytest.raises(ConfigError, match="weights_only=True"):
+        train(TrainConfig(data=xray_root, out=tmp_path / "run", resume=True, input_size=TEST_INPUT, epochs=1,
+                          batch_size=8, accelerator="cpu", devices="1"))
+    assert not marker.exists()

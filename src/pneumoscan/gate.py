@@ -189,12 +189,35 @@ class FeatureGate:
 
     @classmethod
     def load(cls, path: Path) -> "FeatureGate":
-        from safetensors.numpy import load_file
+        """Read a gate file, every value checked: a NaN or inf threshold turned the gate off.
 
-        tensors = load_file(str(path))
+        Raises:
+            BundleError: a missing key, a wrong shape, a non-finite value or a threshold <= 0,
+                each named with the file.
+        """
+        from pneumoscan.errors import BundleError
+        from pneumoscan.integrity import read_tensors
+
+        tensors = read_tensors(Path(path))
+        mean = tensors.get("mean")
+        channels = mean.shape[0] if mean is not None and mean.ndim == 1 else -1
+        shapes = {"mean": (channels,), "precision": (channels, channels), "threshold": (1,)}
+        if "polarity" in tensors:
+            shapes.update(polarity=(channels,), polarity_bias=(1,))
+        for key, shape in shapes.items():
+            value = tensors.get(key)
+            if value is None:
+                raise BundleError(f"{path} lacks the tensor {key!r}; refusing to load the bundle")
+            if value.shape != shape or channels < 1:
+                raise BundleError(f"{path}: {key} has shape {list(value.shape)}, expected {list(shape)}")
+            if not np.all(np.isfinite(value)):
+                raise BundleError(f"{path}: {key} holds values that are not finite (NaN or inf)")
+        threshold = float(tensors["threshold"][0])
+        if threshold <= 0:
+            raise BundleError(f"{path}: the threshold must be above 0, got {threshold}")
         polarity = tensors.get("polarity")
-        return cls(tensors["mean"].astype(np.float64), tensors["precision"].astype(np.float64),
-                   float(tensors["threshold"][0]), polarity=polarity,
+        return cls(mean.astype(np.float64), tensors["precision"].astype(np.float64), threshold,
+                   polarity=None if polarity is None else polarity.astype(np.float64),
                    polarity_bias=float(tensors["polarity_bias"][0]) if polarity is not None else 0.0)
 
 

@@ -11,6 +11,7 @@ needs it.
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from pneumoscan.errors import PneumoscanError
+from pneumoscan.errors import BundleError, PneumoscanError
 from pneumoscan.gate import FeatureGate, screen
 from pneumoscan.imaging import Preprocessing
 from pneumoscan.integrity import bundle_digest, default_bundle_path, verify_bundle
@@ -104,7 +105,16 @@ class Predictor:
         spec = verify_bundle(directory, check_onnx=False,  # open_runner checks the ONNX file
                              expected_digest=expected_digest)
         gate = FeatureGate.load(directory / spec.gate.file) if spec.gate is not None else None
+        # model.json rounds the threshold to 6 decimals
+        if gate is not None and not math.isclose(gate.threshold, spec.gate.threshold, rel_tol=1e-6, abs_tol=1e-6):
+            raise BundleError(f"{directory / spec.gate.file}: its threshold {gate.threshold:g} differs from the "
+                              f"{spec.gate.threshold:g} model.json (and the model card) states; refusing to load the bundle")
         runner = open_runner(directory, spec, backend=backend, allow_torch_fallback=allow_torch_fallback)
+        if gate is not None:  # one blank film: the gate must measure the features the network gives
+            channels = runner(np.zeros((1, 1, spec.input_size, spec.input_size), dtype=np.uint8))[1].shape[-1]
+            if channels != gate.mean.shape[0]:
+                raise BundleError(f"{directory / spec.gate.file} measures {gate.mean.shape[0]} features, but the "
+                                  f"network gives {channels}; refusing to load the bundle")
         predictor = cls(getattr(runner, "model", None), spec, runner, gate=gate, tta=tta, directory=directory)
         predictor.digest = bundle_digest(directory)
         return predictor

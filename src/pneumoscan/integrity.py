@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from importlib import resources
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from pneumoscan.errors import BundleError
-from pneumoscan.spec import BundleSpec, GateInfo, OnnxInfo
+from pneumoscan.spec import BundleSpec, GateInfo, OnnxInfo, is_plain_file_name
 
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -36,6 +37,85 @@ SPEC_FILE = "model.json"
 #: together is caught too. Updated whenever the default bundle is rewritten.
 DEFAULT_BUNDLE_DIGEST = "aa725f370e8fafa3976888faa848c6c70c76cccd22197721304ede61a9ab1509"
 _FORMAT = 1
+#: The most a bundle's JSON files (model.json, the manifest) may hold, and how deeply they may
+#: nest: a 100,000-deep model.json ended in a RecursionError traceback.
+MAX_JSON_BYTES = 4_000_000
+MAX_JSON_DEPTH = 32
+
+
+def read_json_file(path: Path) -> object:
+    """A bundle's JSON file, bounded in size and nesting before it is parsed.
+
+    Raises:
+        BundleError: too large, nested too deeply, or not JSON (the message names the file).
+    """
+    if path.is_symlink():
+        raise BundleError(f"{path} is a symbolic link; a bundle's files must be its own")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise BundleError(f"{path} is larger than {MAX_JSON_BYTES // 1_000_000} MB; refusing to read it")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    depth = deepest = 0
+    for char in re.sub(r'"(?:\\.|[^"\\])*"', '""', text):  # brackets inside strings do not nest
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    if deepest > MAX_JSON_DEPTH:
+        raise BundleError(f"{path} nests {deepest} levels deep; the limit is {MAX_JSON_DEPTH}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path} is not valid JSON ({exc})") from None
+
+
+#: The JSON header at the start of a .safetensors file (tensor names, shapes, offsets): a few kB
+#: for any bundle file. Its length comes first, as 8 bytes; a gate claiming 2^60 was not checked.
+MAX_SAFETENSORS_HEADER = 16_000_000
+
+
+def check_safetensors_header(path: Path) -> None:
+    """The 8-byte header length of a .safetensors file must fit the file and the limit.
+
+    Raises:
+        BundleError: it does not.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    declared = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if not 2 <= declared <= min(MAX_SAFETENSORS_HEADER, size - 8):
+        raise BundleError(f"{path}: its header claims {declared} bytes in a file of {size}; "
+                          "not a usable .safetensors file")
+
+
+def read_tensors(path: Path) -> dict:
+    """A bundle's .safetensors file as numpy arrays, its header bounded before it is parsed.
+
+    Raises:
+        BundleError: a header length beyond the file or the limit, or an unreadable file.
+    """
+    from safetensors.numpy import load_file
+
+    check_safetensors_header(path)
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types on malformed headers
+        raise BundleError(f"{path} is not a readable .safetensors file ({type(exc).__name__})") from None
+
+
+def check_name(name: object, where: str) -> str:
+    """A file name a bundle lists: a plain name inside the bundle directory, nothing else. Checked
+    before the file system is touched, so a name like ``../../etc/passwd`` reveals nothing.
+
+    Raises:
+        BundleError: a path with directories, ``..``, an absolute path or a hidden/odd name.
+    """
+    text = str(name)
+    if not is_plain_file_name(name):
+        raise BundleError(f"{where} lists {text[:80]!r}, which is not a plain file name inside the bundle; "
+                          "refusing to load it")
+    return text
 
 
 def default_bundle_path() -> Path:
@@ -79,14 +159,15 @@ def read_manifest(directory: Path, *, expected_digest: str | None = None) -> dic
     if expected_digest is not None and (actual := sha256_file(path)) != expected_digest.lower():
         raise BundleError(f"{path} was modified: the bundle's digest is {actual[:16]}..., "
                           f"but {expected_digest[:16]}... was expected; refusing to load it")
+    record = read_json_file(path)
     try:
-        record = json.loads(path.read_text())
         files = record["files"]
         if record.get("format") != _FORMAT or not isinstance(files, dict):
             raise ValueError
-        return {str(name): str(digest) for name, digest in files.items()}
+        files = {name: str(digest) for name, digest in files.items()}
     except Exception:
         raise BundleError(f"{path} is not a valid bundle manifest; refusing to load the bundle") from None
+    return {check_name(name, str(path)): digest for name, digest in files.items()}
 
 
 def check_file(directory: Path, manifest: dict[str, str], name: str) -> None:
@@ -95,9 +176,11 @@ def check_file(directory: Path, manifest: dict[str, str], name: str) -> None:
     Raises:
         BundleError: the file is not in the manifest, is missing, or differs from it.
     """
-    path = Path(directory) / name
+    path = Path(directory) / check_name(name, str(Path(directory) / SPEC_FILE))
     if name not in manifest:
         raise BundleError(f"{path} is not listed in {MANIFEST_FILE}; refusing to load the bundle")
+    if path.is_symlink():
+        raise BundleError(f"{path} is a symbolic link; a bundle's files must be its own")
     if not path.is_file():
         raise BundleError(f"{path} is missing; refusing to load the bundle")
     if sha256_file(path) != manifest[name]:
@@ -127,7 +210,7 @@ def _spec_of(directory: Path, manifest: dict[str, str]) -> BundleSpec:
     if not spec_path.is_file():
         raise BundleError(f"{directory} is not a model bundle: {SPEC_FILE} is missing")
     check_file(directory, manifest, SPEC_FILE)
-    return BundleSpec.from_json(spec_path.read_text(), source=str(spec_path))
+    return BundleSpec.from_raw(read_json_file(spec_path), source=str(spec_path))
 
 
 def _bundle_dir(directory: str | Path) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -193,6 +194,17 @@ class BundleSpec:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
             raise BundleError(f"{source} is not valid JSON ({exc})") from None
+        except RecursionError:
+            raise BundleError(f"{source} nests too deeply to be a model.json") from None
+        return cls.from_raw(raw, source=source)
+
+    @classmethod
+    def from_raw(cls, raw: Any, *, source: str = "model.json") -> "BundleSpec":
+        """Validate parsed ``model.json`` contents (see :meth:`from_json`).
+
+        Raises:
+            BundleError: an unknown format version, or missing or malformed fields.
+        """
         if not isinstance(raw, dict):
             raise BundleError(f"{source} must hold a JSON object")
         version = raw.get("format_version")
@@ -210,6 +222,8 @@ class BundleSpec:
             values[key] = _part(part, values[key], f"{source} {key}") if values.get(key) else None
         for key in ("mean", "std", "class_names"):
             if key in values:
+                if not isinstance(values[key], list):
+                    raise BundleError(f"{source}: {key} must be a list, got {str(values[key])[:40]!r}")
                 values[key] = tuple(values[key])
         spec = cls(**values)
         _validate(spec, source)
@@ -236,6 +250,14 @@ def _known(cls: type, raw: Mapping[str, Any], source: str) -> dict[str, Any]:
 
 
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
+#: The network input sizes a bundle may declare: every input is resized to this square, and
+#: serving allocates batches of it (input_size 100000 took serve to 15.6 GB before a traceback).
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 32, 1024
+
+
+def is_plain_file_name(value: Any) -> bool:
+    """A name of a file directly inside a bundle directory: no directories, no ``..``, not hidden."""
+    return isinstance(value, str) and bool(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", value)) and ".." not in value
 
 
 def _number(value: Any) -> bool:
@@ -270,6 +292,19 @@ def _validate(spec: "BundleSpec", source: str) -> None:
         problems.append(f"members must be a whole number >= 1, got {spec.members!r}")
     if spec.gate is not None and not (_number(spec.gate.threshold) and spec.gate.threshold > 0):
         problems.append(f"the gate threshold must be a positive number, got {spec.gate.threshold!r}")
+    if not (isinstance(spec.input_size, int) and not isinstance(spec.input_size, bool)
+            and MIN_INPUT_SIZE <= spec.input_size <= MAX_INPUT_SIZE):
+        problems.append(f"input_size must be a whole number from {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE}, "
+                        f"got {spec.input_size!r}")
+    for label, values in (("mean", spec.mean), ("std", spec.std)):
+        if len(values) != 3 or not all(_number(v) for v in values) or (label == "std" and min(values) <= 0):
+            problems.append(f"{label} must be three finite numbers{' above 0' if label == 'std' else ''}, "
+                            f"got {list(values)[:4]!r}")
+    for part, names in ((spec.gate, ("file", "extractor_file")), (spec.onnx, ("file",))):
+        for key in names if part is not None else ():
+            value = getattr(part, key)
+            if value and not is_plain_file_name(value):
+                problems.append(f"{key} {str(value)[:80]!r} is not a plain file name inside the bundle")
     if problems:
         raise BundleError(f"{source}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
 

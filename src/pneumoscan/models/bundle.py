@@ -59,6 +59,9 @@ def load_weights(model: nn.Module, path: Path, *, what: str) -> nn.Module:
     """
     from safetensors.torch import load_file
 
+    from pneumoscan.integrity import check_safetensors_header
+
+    check_safetensors_header(Path(path))
     try:
         state = load_file(str(path))
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
