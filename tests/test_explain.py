@@ -58,9 +58,12 @@ def test_explain_cli_writes_overlays(tiny_bundle: Path, xray_root: Path, tmp_pat
     assert len(written) == 6 and all(f"-> {tmp_path}" in line for line in result.output.splitlines())
     png = Image.open(written[0])
     source = Image.open(xray_root / "test" / "NORMAL" / written[0].name.replace(".gradcam.png", ".jpeg"))
-    # the overlay keeps the film's own size and aspect ratio; a caption strip (label, probability,
-    # threshold, colour scale) is added below it
-    assert png.mode == "RGB" and png.width == max(source.width, 320) and png.height > source.height
+    # the overlay is drawn at display width (as on the page: an 8000^2 film is not overlaid at full
+    # size) in the film's own aspect ratio; a caption strip (label, probability, threshold, colour
+    # scale) is added below it
+    film_height = round(DISPLAY_WIDTH * source.height / source.width)
+    assert png.mode == "RGB" and png.width == DISPLAY_WIDTH and png.height > film_height
+    assert np.asarray(png)[film_height // 2, :, :].std() > 0  # the film fills the width: no strip beside it
 
 
 def test_api_explain_returns_a_png(client) -> None:

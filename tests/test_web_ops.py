@@ -189,3 +189,71 @@ def test_decoding_waits_for_a_slot_no_longer_than_the_deadline(tiny_bundle: Path
     assert response.status_code == 503 and response.get_json()["error"]["code"] == "server_busy"
     assert response.headers["Retry-After"] == "5" and 0.9 < waited < 5
     assert _post(client, (image_bytes(make_xray(3)), "a.png")).status_code == 200
+
+
+_FULL_DISK_SCRIPT = r"""
+import io, json, resource, sys
+from conftest import image_bytes, make_xray
+from pneumoscan.web import create_app
+
+bundle, log = sys.argv[1], sys.argv[2]
+app = create_app({"TESTING": True, "WTF_CSRF_ENABLED": False, "MODEL_DIR": bundle, "AUDIT_LOG": log})
+client = app.test_client()
+films = [image_bytes(make_xray(40 + i)) for i in range(4)]
+
+def post(path="/api/v1/predict"):
+    data = {"file": [(io.BytesIO(film), f"Doe_{i}.png") for i, film in enumerate(films)]}
+    response = client.post(path, data=data, content_type="multipart/form-data")
+    return response.status_code, response.headers["X-Request-ID"], response.get_data(as_text=True)
+
+answers = [post()]
+request_bytes = len(open(log, "rb").read())
+# a real short write: the kernel stops a write at RLIMIT_FSIZE (Python ignores SIGXFSZ) half-way
+# through the second request's records, then refuses every write after it, as a full disk does
+limit = int(request_bytes * 1.5)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+answers += [post(), post(), post("/")]
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+answers.append(post())  # the disk has room again
+metrics = client.get("/metrics").get_data(as_text=True)
+print(json.dumps({"answers": answers, "limit": limit, "metrics": metrics}))
+"""
+
+
+def test_a_full_disk_fails_the_request_and_loses_no_record(tiny_bundle: Path, tmp_path: Path) -> None:
+    """Every 200 has its records in the log, whole; every request whose records did not fit is a
+    503 (API and page), counted in /metrics, and leaves nothing of itself behind."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "audit.jsonl"
+    tests = Path(__file__).parent
+    done = subprocess.run([sys.executable, "-c", _FULL_DISK_SCRIPT, str(tiny_bundle), str(log)], cwd=tests,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    statuses = [status for status, _, _ in outcome["answers"]]
+    assert statuses == [200, 503, 503, 503, 200]
+    api_refusal = json.loads(outcome["answers"][1][2])
+    assert api_refusal["error"]["code"] == "audit_unavailable" and "results" not in api_refusal
+    assert "audit log cannot be written" in outcome["answers"][3][2]  # the page says it too
+    assert "pneumoscan_audit_write_failures_total 3.0" in outcome["metrics"]
+    assert "audit log write failed for request" in done.stderr and "Doe_" not in done.stderr
+
+    records = [json.loads(line) for line in log.read_text().splitlines()]  # every line whole
+    answered = [request_id for status, request_id, _ in outcome["answers"] if status == 200]
+    assert [r["request_id"] for r in records] == [answered[0]] * 4 + [answered[1]] * 4
+    assert "Doe_" not in log.read_text()
+
+
+def test_a_torn_last_line_never_corrupts_the_next_record(tiny_bundle: Path, tmp_path: Path) -> None:
+    from pneumoscan.web.audit import AuditLog
+
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b'{"time": "2026-12-03T06:00:00", "request_id": "a", "sta')  # killed mid-write
+    audit = AuditLog(path)
+    audit.record(request_id="b", model={"name": "m"}, results=[{"status": "ok", "label": "NORMAL"}])
+    torn, whole = path.read_text().splitlines()
+    assert torn.endswith('"sta') and json.loads(whole)["request_id"] == "b"
+    audit.record(request_id="c", model={"name": "m"}, results=[{"status": "ok", "label": "NORMAL"}])
+    assert [json.loads(line)["request_id"] for line in path.read_text().splitlines()[1:]] == ["b", "c"]

@@ -7,7 +7,6 @@ without a traceback and exit with status 2.
 
 from __future__ import annotations
 
-import csv
 import logging
 import sys
 from pathlib import Path
@@ -15,17 +14,23 @@ from typing import Annotated, Optional
 
 import typer
 
+from pneumoscan.cli_output import check_writable_file, check_writable_folder, terminal_safe, write_csv
 from pneumoscan.errors import PneumoscanError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Pneumonia detection on chest X-rays: train, evaluate, predict, serve.")
 
 
+def _echo(text: str, err: bool = False) -> None:
+    """Print a line with control characters escaped (file names are user data)."""
+    typer.echo(terminal_safe(text), err=err)
+
+
 def _show_version(value: bool) -> None:
     if value:
         from pneumoscan import __version__
 
-        typer.echo(f"pneumoscan {__version__}")
+        _echo(f"pneumoscan {__version__}")
         raise typer.Exit()
 
 
@@ -34,7 +39,7 @@ def _root(context: typer.Context, version: Annotated[bool, typer.Option(
         "--version", metavar="", is_eager=True, callback=_show_version, help="Print the version and exit.")] = False) -> None:
     """Pneumonia detection on chest X-rays: train, evaluate, predict, serve."""
     if context.invoked_subcommand is None:  # bare ``pneumoscan``: the help, and success
-        typer.echo(context.get_help())
+        _echo(context.get_help())
         raise typer.Exit()
 
 ModelOption = Annotated[Optional[Path], typer.Option(
@@ -60,7 +65,7 @@ def _estimate(value: dict) -> str:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
+    _echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
 
@@ -88,44 +93,48 @@ def evaluate(
 
     if bootstrap < 100:
         _fail(f"--bootstrap must be at least 100, got {bootstrap}")
-    metrics = evaluate_folder(model, data, split, out, n_boot=bootstrap, seed=seed,
-                              operating_point=operating_point, tta=tta, backend=backend, site_folds=site_folds,
-                              quiet=quiet)
-    typer.echo(f"{split}: n={metrics['n']}, operating point {metrics['operating_point']}, "
+    check_writable_folder(out, "report")
+    try:
+        metrics = evaluate_folder(model, data, split, out, n_boot=bootstrap, seed=seed,
+                                  operating_point=operating_point, tta=tta, backend=backend, site_folds=site_folds,
+                                  quiet=quiet)
+    except OSError as exc:  # images are read through their own checks: this is the report's write
+        _fail(f"cannot write the report to {out}: {exc.strerror or exc}")
+    _echo(f"{split}: n={metrics['n']}, operating point {metrics['operating_point']}, "
                f"threshold={metrics['threshold']:.4f}")
     for name in METRIC_NAMES:
         m = metrics[name]
         if m["value"] is not None:
-            typer.echo(f"  {name:<12} {m['value']:.4f}  (95% CI {m['ci_low']:.4f}-{m['ci_high']:.4f})")
+            _echo(f"  {name:<12} {m['value']:.4f}  (95% CI {m['ci_low']:.4f}-{m['ci_high']:.4f})")
     site = metrics.get("site_calibrated")
     if site:
-        typer.echo(f"site-calibrated, {site['folds']}-fold cross-fitted (each fold calibrated on the others):")
+        _echo(f"site-calibrated, {site['folds']}-fold cross-fitted (each fold calibrated on the others):")
         for name in METRIC_NAMES:
             m = site[name]
             if m["value"] is not None:
-                typer.echo(f"  {name:<12} {m['value']:.4f}  (95% CI {m['ci_low']:.4f}-{m['ci_high']:.4f})")
+                _echo(f"  {name:<12} {m['value']:.4f}  (95% CI {m['ci_low']:.4f}-{m['ci_high']:.4f})")
     review = metrics["review"]
     if review["available"]:
         for label, part in (("review band", review["probability_band"]), ("review, any reason", review["any_reason"])):
-            typer.echo(f"{label}: {part['flagged']} of {part['n']} flagged; coverage {_estimate(part['coverage'])}, "
+            _echo(f"{label}: {part['flagged']} of {part['n']} flagged; coverage {_estimate(part['coverage'])}, "
                        f"accuracy outside {_estimate(part['accuracy_outside'])}")
     if site and site.get("review_band"):
         part = site["review_band"]
-        typer.echo(f"site-calibrated review band: coverage {_estimate(part['coverage'])}, "
+        _echo(f"site-calibrated review band: coverage {_estimate(part['coverage'])}, "
                    f"accuracy outside {_estimate(part['accuracy_outside'])}")
     gate = metrics["input_gate"]
-    typer.echo(f"input gate not applied (every image scored); it would have refused {gate['would_refuse']} "
+    _echo(f"input gate not applied (every image scored); it would have refused {gate['would_refuse']} "
                f"of {metrics['n']}" + (f": {', '.join(f'{k} {v}' for k, v in gate['reasons'].items())}"
                                        if gate["reasons"] else ""))
     if metrics["n_unreadable"]:
         for failure in metrics["unreadable"]:
-            typer.echo(f"error: {failure['error']}", err=True)
-        typer.echo(f"warning: {metrics['n_unreadable']} file(s) could not be read and are left out of "
+            _echo(f"error: {failure['error']}", err=True)
+        _echo(f"warning: {metrics['n_unreadable']} file(s) could not be read and are left out of "
                    f"the figures (also listed in {out}/report.md)", err=True)
-    typer.echo(f"report written to {out}/report.md")
+    _echo(f"report written to {out}/report.md")
     if record:
         record_evaluation(model, metrics)
-        typer.echo(f"figures recorded in the bundle's model.json under reported_metrics.{split}")
+        _echo(f"figures recorded in the bundle's model.json under reported_metrics.{split}")
 
 
 @app.command()
@@ -149,6 +158,8 @@ def predict(
     from pneumoscan.data import collect_image_paths
     from pneumoscan.inference import Predictor
 
+    if csv_out is not None:
+        check_writable_file(csv_out, "CSV")  # before any image is predicted
     files = collect_image_paths(paths)
     if not files:
         _fail("no .jpeg/.jpg/.png/.dcm images found in the given path(s)")
@@ -164,26 +175,24 @@ def predict(
              ";".join(r.reasons) if r.status != "error" else (r.error_code or ""), r.error or "")
             for r in results]
     if csv_out is not None:
-        with csv_out.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(PREDICTION_COLUMNS)
-            writer.writerows(rows)
-        typer.echo(f"{len(rows)} result(s) written to {csv_out}")
+        write_csv(csv_out, PREDICTION_COLUMNS, rows)
+        _echo(f"{len(rows)} result(s) written to {csv_out}")
     else:
-        width = max(len(r.name) for r in results)
-        typer.echo(f"{'path':<{width}}  {'status':<8}  {'label':<9}  p(pneumonia)  threshold  review  reasons")
+        rows = [(terminal_safe(row[0]), *row[1:]) for row in rows]  # widths as shown
+        width = max(len(row[0]) for row in rows)
+        _echo(f"{'path':<{width}}  {'status':<8}  {'label':<9}  p(pneumonia)  threshold  review  reasons")
         for path, status, label, probability, cut, review, review_reasons, reasons, _ in rows:
             why = "; ".join(part for part in (review_reasons, reasons) if part)
-            typer.echo(f"{path:<{width}}  {status:<8}  {label or '-':<9}  {probability or '-':>12}  "
+            _echo(f"{path:<{width}}  {status:<8}  {label or '-':<9}  {probability or '-':>12}  "
                        f"{cut or '-':>9}  {review or '-':<6}  {why}".rstrip())
     counts = {status: sum(r.status == status for r in results) for status in ("ok", "rejected", "error")}
-    typer.echo(f"{counts['ok']} predicted, {counts['rejected']} refused by the input gate"
+    _echo(f"{counts['ok']} predicted, {counts['rejected']} refused by the input gate"
                f"{' (off)' if no_gate else ''}, {counts['error']} unreadable", err=True)
     for r in results:
         if r.status == "error":
-            typer.echo(f"error: {r.error}", err=True)
+            _echo(f"error: {r.error}", err=True)
     if counts["error"]:
-        typer.echo(f"{counts['error']} of {len(results)} file(s) could not be read", err=True)
+        _echo(f"{counts['error']} of {len(results)} file(s) could not be read", err=True)
         raise typer.Exit(1)
 
 
@@ -207,36 +216,41 @@ def explain(
     could not be read.
     """
     from pneumoscan.data import collect_image_paths
-    from pneumoscan.heatmap import captioned, overlay
+    from pneumoscan.heatmap import captioned, display_image, overlay
     from pneumoscan.inference import Predictor
 
     if not 0.0 <= opacity <= 1.0:
         _fail(f"--opacity must be between 0 and 1, got {opacity}")
+    check_writable_folder(out, "overlays")
     files = collect_image_paths(images)
     if not files:
         _fail("no .jpeg/.jpg/.png/.dcm images found in the given path(s)")
     predictor = Predictor.from_bundle(model)
-    out.mkdir(parents=True, exist_ok=True)
     failed = 0
     for path in files:
         try:
             image = predictor.preprocessing.load(path)
         except PneumoscanError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            _echo(f"error: {exc}", err=True)
             failed += 1
             continue
         result = predictor.predict([image], names=[str(path)], gate=not no_gate)[0]
         if result.status == "rejected":
-            typer.echo(f"{path}: rejected by the input gate ({', '.join(result.reasons)}); no heatmap")
+            _echo(f"{path}: rejected by the input gate ({', '.join(result.reasons)}); no heatmap")
             continue
         explanation = predictor.explain(image)
         target = out / f"{path.stem}.gradcam.png"
         review = "   REVIEW RECOMMENDED" if result.review_recommended else ""
         caption = (f"{result.label}   P(pneumonia) {result.probability:.3f}   "
                    f"threshold {result.threshold:.3f} ({result.operating_point}){review}")
-        captioned(overlay(image, explanation.cam, opacity=opacity), caption).save(target)
+        # drawn on the film at display size, as the page does: an 8000^2 film overlaid at full size
+        # took 4.4 GB in float32 colour copies
+        try:
+            captioned(overlay(display_image(image), explanation.cam, opacity=opacity), caption).save(target)
+        except OSError as exc:
+            _fail(f"cannot write {target}: {exc.strerror or exc}")
         why = f" (review recommended: {', '.join(result.review_reasons)})" if result.review_recommended else ""
-        typer.echo(f"{path}: {result.label} p={result.probability:.3f}{why} -> {target}")
+        _echo(f"{path}: {result.label} p={result.probability:.3f}{why} -> {target}")
     if failed:
         raise typer.Exit(1)
 
@@ -284,7 +298,7 @@ def backbones() -> None:
     from pneumoscan.models import backbone_info, list_backbones
 
     for name in list_backbones():
-        typer.echo(f"{name:<20} {backbone_info(name).description}")
+        _echo(f"{name:<20} {backbone_info(name).description}")
 
 
 # The commands that make or rewrite a model bundle (train, calibrate, fit-gate, ensemble, export).
@@ -301,10 +315,10 @@ def main() -> None:
     try:
         app()
     except PneumoscanError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        _echo(f"error: {exc}", err=True)
         sys.exit(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        _echo("interrupted", err=True)
         sys.exit(130)
     except ModuleNotFoundError as exc:
         # The light install (predict, evaluate, serve on ONNX Runtime) has no training stack.
@@ -312,7 +326,7 @@ def main() -> None:
             raise
         from pneumoscan.runtime import TRAIN_EXTRA
 
-        typer.echo(f"error: this command needs {exc.name.split('.')[0]}, part of the training stack, "
+        _echo(f"error: this command needs {exc.name.split('.')[0]}, part of the training stack, "
                    f"which this install does not have: {TRAIN_EXTRA}", err=True)
         sys.exit(2)
 

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from pneumoscan.errors import DatasetError
 from pneumoscan.plots import confusion_figure, pyplot, reliability_figure, risk_coverage_figure, roc_figure
 from pneumoscan.stats import (METRIC_NAMES, Estimate, bootstrap_metrics, brier_score, confusion_matrix,
                               expected_calibration_error, proportion, sigmoid)
@@ -62,6 +63,11 @@ def _review(spec, kept, y_true: np.ndarray, y_score: np.ndarray, threshold: floa
             "method": "95% Wilson intervals; 'any_reason' adds films near or beyond the gate's limit"}
 
 
+#: Below this many readable images in a class, evaluate reports nothing (exit 2) rather than
+#: figures such as sensitivity 1.0 from one film.
+MIN_READABLE_PER_CLASS = 5
+
+
 def evaluate_folder(model_dir: Path | None, data_root: Path, split: str, out_dir: Path, *,
                     n_boot: int = 2000, seed: int = 0, batch_size: int = 32,
                     operating_point: str | None = None, tta: bool = False, backend: str = "auto",
@@ -99,6 +105,13 @@ def evaluate_folder(model_dir: Path | None, data_root: Path, split: str, out_dir
                                            threshold=threshold, gate=False, progress=advance)
     failed = [o for o in outcomes if o.status == "error"]
     kept = [(s, o) for s, o in zip(samples, outcomes) if o.status != "error"]
+    readable = Counter(CLASS_NAMES[s.label] for s, _ in kept)
+    short = [name for name in CLASS_NAMES if readable[name] < MIN_READABLE_PER_CLASS]
+    if short:
+        found = Counter(CLASS_NAMES[s.label] for s in samples)
+        raise DatasetError("; ".join(f"{name}: {readable[name]} of {found[name]} image(s) readable" for name in short)
+                           + f" in {split}; at least {MIN_READABLE_PER_CLASS} readable images per class are needed "
+                           "for figures that mean anything (accuracy 1.0 on one image is not a result)")
     would_refuse = Counter(reason for _, o in kept for reason in o.reasons)
     y_true = np.array([s.label for s, _ in kept])
     y_score = np.array([o.probability for _, o in kept])

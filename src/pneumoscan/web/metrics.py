@@ -37,6 +37,9 @@ class Metrics:
                                   ["reason"], registry=self.registry)
         self.image_errors = Counter("pneumoscan_image_errors", "Uploaded files that could not be read, by code.",
                                     ["code"], registry=self.registry)
+        self.audit_failures = Counter("pneumoscan_audit_write_failures",
+                                      "Requests answered 503 because their audit records could not be written.",
+                                      registry=self.registry)
 
     def count_results(self, results: list[dict[str, Any]]) -> None:
         """Count one request's per-image outcomes."""

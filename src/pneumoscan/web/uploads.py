@@ -15,6 +15,7 @@ from pneumoscan.gate import describe_reason
 from pneumoscan.heatmap import DISPLAY_WIDTH, display_image, heatmap, overlay, png_bytes
 from pneumoscan.imaging import JPEG_SIGNATURE, decode_image
 from pneumoscan.inference import Predictor
+from pneumoscan.web.audit import AuditUnavailable
 from pneumoscan.web.deadline import decode_slot
 
 
@@ -180,10 +181,19 @@ def _display_source(data: bytes, image: Image.Image, name: str) -> Image.Image:
 
 
 def _account(results: list[dict[str, Any]]) -> None:
-    """Count the outcomes for /metrics and append them to the audit log when one is configured."""
-    current_app.extensions["pneumoscan_metrics"].count_results(results)
+    """Append the outcomes to the audit log when one is configured, then count them for /metrics.
+
+    Raises:
+        AuditUnavailable: the records could not be written; the results are withheld (503).
+    """
+    metrics = current_app.extensions["pneumoscan_metrics"]
     audit = current_app.extensions.get("pneumoscan_audit")
     if audit is not None:
         spec = predictor().spec
-        audit.record(request_id=g.request_id, results=results,
-                     model={"name": spec.name, "weights_sha256": spec.weights_sha256})
+        try:
+            audit.record(request_id=g.request_id, results=results,
+                         model={"name": spec.name, "weights_sha256": spec.weights_sha256})
+        except AuditUnavailable:
+            metrics.audit_failures.inc()
+            raise
+    metrics.count_results(results)
