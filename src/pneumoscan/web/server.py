@@ -18,6 +18,11 @@ from pneumoscan.integrity import default_bundle_path, verify_bundle
 log = logging.getLogger(__name__)
 
 
+#: gunicorn's default access line without the query string (``%(U)s`` instead of the request line
+#: ``%(r)s``) and the referrer: a key or an identifier put in a URL never reaches the log.
+ACCESS_LOG_FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s "%(a)s"'
+
+
 class _Gunicorn(BaseApplication):
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = options
@@ -113,9 +118,15 @@ def run_gunicorn(*, model_dir: Path | None, host: str, port: int, workers: int |
     shared = shares_model(spec, inference_threads, config["BACKEND"], config["ALLOW_TORCH_FALLBACK"])
     log.info("the model is %s", f"loaded once, before the {workers} worker(s) fork, and shared by them" if shared
              else f"loaded by each of the {workers} worker(s) ({inference_threads} inference thread(s) each)")
+    from pneumoscan.web.worker import IDLE_TIMEOUT, connection_limit
+
     options: dict[str, Any] = {
         "bind": f"{host}:{port}", "workers": workers, "threads": threads,
-        "worker_class": "gthread", "timeout": timeout, "accesslog": "-",
+        # gthread with new connections parked in the event loop and deadlines on every read and
+        # write: connections that send nothing, or trickle their headers, cannot take the threads
+        "worker_class": "pneumoscan.web.worker.IdleSafeThreadWorker",
+        "keepalive": IDLE_TIMEOUT, "worker_connections": connection_limit(),
+        "timeout": timeout, "accesslog": "-", "access_log_format": ACCESS_LOG_FORMAT,
         "preload_app": shared, "post_fork": _worker_started,
     }
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
