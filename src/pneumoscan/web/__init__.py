@@ -71,6 +71,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 #: Non-file form fields a request may carry besides its files (the page's form sends 4).
 FORM_FIELDS = 8
+#: The page's small url-encoded forms (an API key and a CSRF token), and their largest body.
+SMALL_FORMS = frozenset({"/login", "/logout"})
+SMALL_FORM_BYTES = 4096
 
 
 def _refuse_unparseable_bodies(app: Flask) -> None:
@@ -79,6 +82,10 @@ def _refuse_unparseable_bodies(app: Flask) -> None:
 
     @app.before_request
     def require_multipart():
+        if request.path in SMALL_FORMS and request.mimetype == "application/x-www-form-urlencoded":
+            if request.content_length is None or request.content_length > SMALL_FORM_BYTES:
+                return _error(413, "payload_too_large", f"the sign-in form takes at most {SMALL_FORM_BYTES} bytes")
+            return None
         if request.method == "POST" and request.mimetype != "multipart/form-data":
             return _error(415, "unsupported_media_type",
                           f"send images as multipart/form-data in the field 'file', not as {request.mimetype or 'a body without a Content-Type'}")

@@ -26,8 +26,10 @@ DEFAULTS: dict[str, Any] = {
     "ALLOW_TORCH_FALLBACK": False,  # a tampered/unusable ONNX file: PyTorch with a warning, not an error
     "API_KEYS": "",  # comma-separated keys required on /api/ (off when empty)
     "RATE_LIMIT": "",  # e.g. "60/minute" per client (flask-limiter syntax; off when empty)
+    "AUTH_FAILURE_LIMIT": "10/minute",  # wrong keys per client address before a 429 (keys on)
     "SECRET_KEY": None,  # signs the session cookie that carries the form's CSRF token; random if unset
     "SESSION_COOKIE_SAMESITE": "Lax",
+    "SESSION_COOKIE_SECURE": False,  # true behind HTTPS: the browser then sends the cookie over HTTPS only
     "WTF_CSRF_TIME_LIMIT": None,  # the token lives as long as the browser session
 }
 
@@ -50,14 +52,19 @@ def load_config(test_config: Mapping[str, Any] | None = None) -> Config:
     timeout = config["REQUEST_TIMEOUT"]
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ConfigError(f"PNEUMOSCAN_REQUEST_TIMEOUT must be a positive number of seconds, got {timeout!r}")
-    if config["RATE_LIMIT"]:
-        from limits import parse_many
+    from limits import parse, parse_many
 
+    if config["RATE_LIMIT"]:
         try:
             parse_many(str(config["RATE_LIMIT"]))
         except ValueError:
             raise ConfigError(f"PNEUMOSCAN_RATE_LIMIT must look like '60/minute' or '10/second;500/hour', "
                               f"got {config['RATE_LIMIT']!r}") from None
+    try:
+        parse(str(config["AUTH_FAILURE_LIMIT"]))
+    except ValueError:
+        raise ConfigError(f"PNEUMOSCAN_AUTH_FAILURE_LIMIT must look like '10/minute', "
+                          f"got {config['AUTH_FAILURE_LIMIT']!r}") from None
     digest = config["MODEL_SHA256"]
     if digest is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", str(digest)):
         raise ConfigError(f"PNEUMOSCAN_MODEL_SHA256 must be 64 hexadecimal digits (a bundle digest), got {str(digest)[:80]!r}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, render_template
+from flask import Blueprint, current_app, redirect, render_template, request, session, url_for
 
 from pneumoscan.card import model_card
 from pneumoscan.web.uploads import UploadError, predict_uploads, predictor
@@ -69,6 +69,26 @@ def model_card_page():
     card = model_card(predictor().spec)
     choices = point_choices(card["decision"]["operating_points"], card["decision"]["default_operating_point"])
     return render_template("model.html", card=card, metric_names=CARD_METRICS, point_choices=choices)
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login():
+    """With API keys on, the pages ask for a key once and keep it in the signed session cookie."""
+    sign_in = current_app.extensions["pneumoscan_sign_in"]
+    if not current_app.extensions["pneumoscan_api_keys"]:
+        return redirect(url_for("views.index"))
+    if request.method == "POST":
+        if sign_in(request.form.get("api_key", "").strip()):
+            return redirect(url_for("views.index"))
+        return render_template("login.html", error="That key is not valid."), 401
+    return render_template("login.html")
+
+
+@bp.post("/logout")
+def logout():
+    """Forget the key this browser signed in with."""
+    session.clear()
+    return redirect(url_for("views.login"))
 
 
 @bp.get("/favicon.ico")
