@@ -16,6 +16,9 @@ Each generator builds its file in memory, cheaply (no full-size array is allocat
   zeros, ``bits`` per sample (pydicom inflated the whole data set before any check);
 - :func:`tall_png` -- a ``1`` x ``height`` greyscale PNG (Pillow keeps a pointer per row);
 - :func:`palette_png` -- a ``side`` x ``side`` palette PNG with a transparent entry.
+
+:func:`catalogue` lists them with the answer each must get: refused from a header, or (the most
+expensive files that still fit the budget) decoded and predicted.
 """
 
 from __future__ import annotations
@@ -227,3 +230,35 @@ def palette_png(side: int = 8000) -> bytes:
     palette = bytes(np.repeat(np.arange(256, dtype=np.uint8), 3))
     return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"PLTE", palette) + _chunk(b"tRNS", b"\x00")
             + _chunk(b"IDAT", b"".join(parts)) + _chunk(b"IEND", b""))
+
+
+def catalogue() -> list[tuple[str, str, bytes, int]]:
+    """``(label, file name, file, expected HTTP status)``: the bombs refused from their headers,
+    then the most expensive files that still fit the decoding budget (200)."""
+    ramp = Image.linear_gradient("L")
+
+    def png(image: Image.Image) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    return [
+        ("png16-8000", "bomb.png", png16(8000), 413),
+        ("progressive-3000-scans", "bomb.jpg", progressive_jpeg(8000, 3000), 413),
+        ("dicom-8-frames-8000", "bomb.dcm", multiframe_dicom(8000, 8), 413),
+        ("jpeg-frame-claims-30000", "claims.dcm", dicom_frame_claiming(30000, "jpeg"), 422),
+        ("jpegls-frame-claims-30000", "claims-ls.dcm", dicom_frame_claiming(30000, "jpegls"), 422),
+        ("rle-expands-256MB", "rle.dcm", rle_dicom_overflowing(256), 422),
+        ("deflate-10000", "deflated.dcm", deflated_dicom(10000, 8), 413),
+        ("png-1x60M", "tall.png", tall_png(60_000_000), 413),
+        ("palette-8000", "palette.png", palette_png(8000), 413),
+        ("png16-5600", "big.png", png16(5600), 200),
+        ("progressive-5600-100-scans", "big.jpg", progressive_jpeg(5600, 100), 200),
+        ("dicom-8-frames-5600", "big.dcm", multiframe_dicom(5600, 8), 200),
+        # 8000^2 8-bit and 4000^2 RGBA are just over the budget once Pillow's row tables count
+        ("rgba-3950", "big-rgba.png", png(ramp.resize((3950, 3950)).convert("RGBA")), 200),
+        ("grey-7950", "big-grey.png", png(ramp.resize((7950, 7950))), 200),
+        ("palette-5600", "big-palette.png", palette_png(5600), 200),
+        ("deflate-5600-16bit", "big-deflated.dcm", deflated_dicom(5600, 16), 200),
+        ("deflate-4000-32bit", "big-deflated32.dcm", deflated_dicom(4000, 32), 200),
+    ]
