@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from pneumoscan.calibration import calibrate_on_validation
-from pneumoscan.data import read_split
+from pneumoscan.data import MIN_IMAGES_PER_CLASS, read_split
 from pneumoscan.errors import BundleError, ConfigError, DatasetError
 from pneumoscan.gate import GATE_FILE, FeatureGate
 from pneumoscan.inference import Predictor
@@ -28,7 +28,6 @@ SYNTHETIC_REFUSAL_TARGET = 0.99
 
 
 #: A site sample smaller than this per class cannot fit a temperature and thresholds it can trust.
-MIN_SITE_IMAGES_PER_CLASS = 20
 
 
 def recalibrate_bundle(bundle_dir: Path | None, out_dir: Path, *, data_root: Path | None = None,
@@ -41,7 +40,7 @@ def recalibrate_bundle(bundle_dir: Path | None, out_dir: Path, *, data_root: Pat
 
     Raises:
         BundleError: the bundle cannot be loaded, or has no split.csv (validation only).
-        DatasetError: a class folder is missing, a class has fewer than MIN_SITE_IMAGES_PER_CLASS
+        DatasetError: a class folder is missing, a class has fewer than MIN_IMAGES_PER_CLASS
             images, or images are unreadable (listed).
         ConfigError: neither or both of a site and a split were named.
     """
@@ -60,9 +59,9 @@ def recalibrate_bundle(bundle_dir: Path | None, out_dir: Path, *, data_root: Pat
     else:
         samples, source = read_split(bundle_dir, data_root), None
     counts = {name: sum(s.label == i for s in samples) for i, name in enumerate(CLASS_NAMES)}
-    if source is not None and min(counts.values()) < MIN_SITE_IMAGES_PER_CLASS:
+    if source is not None and min(counts.values()) < MIN_IMAGES_PER_CLASS:
         raise DatasetError(f"{source} has {', '.join(f'{v} {k}' for k, v in counts.items())} images; a site "
-                           f"calibration needs at least {MIN_SITE_IMAGES_PER_CLASS} of each class")
+                           f"calibration needs at least {MIN_IMAGES_PER_CLASS} of each class")
     calibration = calibrate_on_validation([s.label for s in samples], _log_odds(predictor, samples))
     decision = calibration.decision
     spec = predictor.spec

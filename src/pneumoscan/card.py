@@ -21,9 +21,32 @@ LIMITATIONS = (
     "Not validated on adults, lateral views, other hospitals or other scanners.",
     "Validation figures come from a split carved from the training data and overstate performance "
     "on the official test split, whose images differ (most test errors are normal images called pneumonia).",
-    "Images far from the training distribution are refused by the input gate, but the gate cannot catch "
-    "every unusual chest film.",
 )
+GATED = ("Images far from the training distribution are refused by the input gate, but the gate cannot catch "
+         "every unusual chest film.")
+UNGATED = ("This bundle has NO input gate: photographs, documents, other body parts and films unlike its training "
+           "data are NOT refused and get a confident-looking answer. Fit one with 'pneumoscan fit-gate'.")
+#: A bundle trained on a site's own data says so instead of the Kermany text.
+OWN_DATA_LIMITATIONS = (
+    "Trained on the data described above only; not validated on other populations, hospitals or scanners.",
+    "Validation figures come from a split carved from the training data and overstate performance on new films.",
+)
+NOT_DESCRIBED = ("Not described: train with --population \"...\" (ages, views, centres, scanners) "
+                 "to say who these films come from.")
+
+
+def _population_and_limits(spec: BundleSpec, training: dict[str, Any]) -> tuple[str, list[str], dict | None]:
+    """Population text, limitations and the dataset block: the run's own data when the bundle
+    records it, the Kermany set's description otherwise (the bundled model, older bundles)."""
+    dataset = training.get("dataset")
+    gate = GATED if spec.gate is not None else UNGATED
+    if not dataset:
+        return POPULATION, [*LIMITATIONS, gate], None
+    limits = [*OWN_DATA_LIMITATIONS, gate]
+    if training.get("few_validation_images"):
+        limits.insert(0, "Its validation split holds fewer than 20 images of a class: its thresholds and validation "
+                         "figures rest on too few to trust, and no temperature was fitted.")
+    return training.get("population") or NOT_DESCRIBED, limits, dataset
 
 
 def _validation_section(spec: BundleSpec) -> dict[str, Any]:
@@ -56,6 +79,7 @@ def model_card(spec: BundleSpec) -> dict[str, Any]:
     decision = spec.decision
     train_counts = training.get("train_counts") or []
     calibration = spec.val_metrics.get("calibration", {})
+    population, limitations, dataset = _population_and_limits(spec, training)
     metrics: dict[str, Any] = {}
     validation = _validation_section(spec)
     if validation:
@@ -70,10 +94,13 @@ def model_card(spec: BundleSpec) -> dict[str, Any]:
                          "histogram_equalized": spec.equalize,
                          "weights_dtype": spec.weights_dtype, "class_names": list(spec.class_names)},
         "intended_use": INTENDED_USE,
-        "population": POPULATION,
-        "limitations": list(LIMITATIONS),
+        "population": population,
+        "limitations": limitations,
+        "gated": spec.gate is not None,
         "training_data": {
-            "dataset": "Kermany chest X-ray (Kaggle layout)",
+            "dataset": f"{dataset['folder']} (sha256 {dataset['sha256'][:16]}...)" if dataset
+            else "Kermany chest X-ray (Kaggle layout)",
+            "own_data": dataset,
             "n_train": sum(train_counts) if train_counts else None,
             "n_train_by_class": dict(zip(spec.class_names, train_counts)) if train_counts else None,
             "n_validation": spec.val_metrics.get("n"),

@@ -71,8 +71,8 @@ def _fail(message: str, code: int = 2) -> None:
 
 @app.command()
 def evaluate(
-    data: Annotated[Path, typer.Option(help="Kaggle-layout root.")],
-    split: Annotated[str, typer.Option(help="Split folder to evaluate (test, val, train), or 'validation' for the bundle's own validation split.")] = "test",
+    data: Annotated[Path, typer.Option(help="Kaggle-layout root, or a folder holding NORMAL/ and PNEUMONIA/.")],
+    split: Annotated[str, typer.Option(help="Split folder to evaluate (test, val, train), or 'validation' for the bundle's own validation split; ignored for a plain NORMAL/ + PNEUMONIA/ folder.")] = "test",
     model: ModelOption = None,
     out: Annotated[Path, typer.Option(help="Report directory.")] = Path("reports/evaluate"),
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 2000,
@@ -100,8 +100,12 @@ def evaluate(
                                   quiet=quiet)
     except OSError as exc:  # images are read through their own checks: this is the report's write
         _fail(f"cannot write the report to {out}: {exc.strerror or exc}")
+    _echo(f"read {metrics['layout']}")
     _echo(f"{split}: n={metrics['n']}, operating point {metrics['operating_point']}, "
                f"threshold={metrics['threshold']:.4f}")
+    if metrics["few_images"]:
+        _echo(f"warning: {', '.join(metrics['few_images'])} has fewer than {metrics['min_images_per_class']} "
+              "readable images: these figures rest on too few to trust", err=True)
     for name in METRIC_NAMES:
         m = metrics[name]
         if m["value"] is not None:
@@ -186,8 +190,9 @@ def predict(
             _echo(f"{path:<{width}}  {status:<8}  {label or '-':<9}  {probability or '-':>12}  "
                        f"{cut or '-':>9}  {review or '-':<6}  {why}".rstrip())
     counts = {status: sum(r.status == status for r in results) for status in ("ok", "rejected", "error")}
-    _echo(f"{counts['ok']} predicted, {counts['rejected']} refused by the input gate"
-               f"{' (off)' if no_gate else ''}, {counts['error']} unreadable", err=True)
+    gate_state = " (off)" if no_gate else "" if predictor.gate is not None else " (this bundle has none: nothing is refused)"
+    _echo(f"{counts['ok']} predicted, {counts['rejected']} refused by the input gate{gate_state}, "
+          f"{counts['error']} unreadable", err=True)
     for r in results:
         if r.status == "error":
             _echo(f"error: {r.error}", err=True)
@@ -260,7 +265,7 @@ def serve(
     model: Annotated[Optional[Path], typer.Option(
         "--model", envvar="PNEUMOSCAN_MODEL_DIR", help="Model bundle directory (default: the bundled model).")] = None,
     host: Annotated[str, typer.Option(envvar="PNEUMOSCAN_HOST")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(envvar="PNEUMOSCAN_PORT")] = 8000,
+    port: Annotated[int, typer.Option(envvar="PNEUMOSCAN_PORT", min=1, max=65535)] = 8000,
     workers: Annotated[Optional[int], typer.Option(
         envvar="PNEUMOSCAN_WORKERS", help="gunicorn worker processes (default: one per core, at most 4).")] = None,
     threads: Annotated[int, typer.Option(envvar="PNEUMOSCAN_THREADS", help="Threads per worker.")] = 4,

@@ -17,8 +17,10 @@ from pneumoscan.cli import ModelOption, QuietOption, _fail, app
 
 
 def _train(**values: Any) -> None:
-    """Train a classifier and write OUT/bundle (threshold chosen on validation)."""
-    from pneumoscan.training import Augmentation, train as run_training
+    """Train a classifier and write OUT/bundle, ready to serve: calibrated and thresholded on
+    validation, gated on the training films and exported to ONNX (--no-gate, --no-export)."""
+    from pneumoscan.pipeline import train_bundle
+    from pneumoscan.training import Augmentation
     from pneumoscan.training.config import from_cli
 
     no_augment = values.pop("no_augment")
@@ -26,9 +28,14 @@ def _train(**values: Any) -> None:
     config = from_cli(values)
     if no_augment:
         config = replace(config, augmentation=Augmentation.none())
-    bundle = run_training(config, quiet=quiet)
+    bundle = train_bundle(config, quiet=quiet, report=lambda line: typer.echo(line, err=True))
     if bundle is not None:
-        typer.echo(f"bundle written to {bundle}")
+        from pneumoscan.integrity import read_spec
+
+        spec = read_spec(bundle)
+        parts = ["calibrated", "gated" if spec.gate else "NOT gated (it refuses nothing far from its training films)",
+                 "exported to ONNX" if spec.onnx else "not exported (runs only with PyTorch)"]
+        typer.echo(f"bundle ready: {bundle} ({', '.join(parts)}); serve it with: pneumoscan serve --model {bundle}")
 
 
 def _register_train() -> None:

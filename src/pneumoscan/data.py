@@ -53,6 +53,31 @@ def patient_id_from_name(file_name: str, label: int) -> str:
     return f"{CLASS_NAMES[label]}:{match.group(1) if match else stem}"
 
 
+#: Images per class below which a fitted temperature, threshold or gate, or a measured figure,
+#: rests on too few to trust: calibration refuses a site sample under it, ``train`` warns when its
+#: validation split is under it, and ``evaluate`` and the model card say so.
+MIN_IMAGES_PER_CLASS = 20
+
+
+def is_labelled_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` holds the class folders itself (``NORMAL/`` and ``PNEUMONIA/``)."""
+    return all((Path(folder) / name).is_dir() for name in CLASS_NAMES)
+
+
+def scan_evaluation_data(root: str | Path, split: str) -> tuple[list[Sample], str]:
+    """The images to evaluate and the layout they were read as: ``ROOT/<split>/{NORMAL,PNEUMONIA}``
+    (the Kaggle layout), or, when ROOT holds ``NORMAL/`` and ``PNEUMONIA/`` itself and no
+    ``<split>`` folder, ROOT as a plain labelled folder (as ``calibrate --site`` takes).
+
+    Raises:
+        DatasetError: neither layout is there, or a class has no image.
+    """
+    root = Path(root)
+    if root.is_dir() and not (root / split).is_dir() and is_labelled_folder(root):
+        return scan_labelled_folder(root), f"the labelled folder {root} (NORMAL/, PNEUMONIA/)"
+    return scan_split(root, split), f"the '{split}' split of the Kaggle layout {root}"
+
+
 def scan_split(root: str | Path, split: str) -> list[Sample]:
     """List the images of ``ROOT/<split>/{NORMAL,PNEUMONIA}``.
 
@@ -70,7 +95,7 @@ def scan_split(root: str | Path, split: str) -> list[Sample]:
         found = sorted(p.name for p in root.iterdir() if p.is_dir())
         raise DatasetError(
             f"{root} has no '{split}' split folder (found: {', '.join(found) or 'nothing'}); "
-            f"expected {root}/{split}/NORMAL and {root}/{split}/PNEUMONIA"
+            f"expected {root}/{split}/NORMAL and {root}/{split}/PNEUMONIA, or NORMAL/ and PNEUMONIA/ in {root} itself"
         )
     return scan_labelled_folder(split_dir)
 
@@ -254,3 +279,43 @@ def collect_image_paths(paths: Iterable[str | Path]) -> list[Path]:
         else:
             result.append(path)
     return result
+
+
+def describe_dataset(root: Path, split: Split, *, max_headers: int = 2000) -> dict:
+    """What the model card says about a run's own data: the folder's name, a digest of the
+    training pool's contents, class counts per split, and the image sizes seen (read from the
+    headers of up to ``max_headers`` files, evenly spaced)."""
+    from PIL import Image
+
+    pool = sorted(split.train + split.val, key=lambda s: s.path)
+    digest = hashlib.sha256()
+    for sample in pool:
+        digest.update(f"{_relative(sample.path, root)}\0{CLASS_NAMES[sample.label]}\0{file_sha256(sample.path)}\n".encode())
+    counts = {"train": dict(zip(CLASS_NAMES, class_counts(split.train))),
+              "validation": dict(zip(CLASS_NAMES, class_counts(split.val)))}
+    try:
+        counts["test"] = dict(zip(CLASS_NAMES, class_counts(scan_split(root, "test"))))
+    except DatasetError:
+        pass  # no test/ folder: nothing held out beyond validation
+    sizes = []
+    for sample in pool[:: max(1, len(pool) // max_headers)]:
+        try:
+            if sample.path.suffix.lower() == ".dcm":
+                import pydicom
+
+                header = pydicom.dcmread(sample.path, stop_before_pixels=True)
+                sizes.append((int(header.Columns), int(header.Rows)))
+            else:
+                with Image.open(sample.path) as image:  # the header only: no pixels decoded
+                    sizes.append(image.size)
+        except Exception:  # an unreadable file is training's problem to report, not the card's
+            continue
+    areas = sorted(sizes, key=lambda wh: wh[0] * wh[1])
+    return {
+        "folder": root.resolve().name,
+        "sha256": digest.hexdigest(),
+        "digest_of": "sorted (relative path, class, file sha256) of the training and validation images",
+        "n_by_split": counts,
+        "image_sizes": ({"n_read": len(sizes), "smallest": list(areas[0]), "median": list(areas[len(areas) // 2]),
+                         "largest": list(areas[-1])} if areas else None),
+    }

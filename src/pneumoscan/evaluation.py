@@ -87,15 +87,16 @@ def evaluate_folder(model_dir: Path | None, data_root: Path, split: str, out_dir
         BundleError: the bundle cannot be loaded.
         ConfigError: an unknown operating point.
     """
-    from pneumoscan.data import CLASS_NAMES, read_split, scan_split
+    from pneumoscan.data import CLASS_NAMES, MIN_IMAGES_PER_CLASS, read_split, scan_evaluation_data
     from pneumoscan.inference import Predictor
     from pneumoscan.integrity import default_bundle_path
 
     predictor = Predictor.from_bundle(model_dir, tta=tta, backend=backend)
     if split == "validation":  # the bundle's own validation split (what it was tuned on)
         samples = read_split(Path(model_dir or default_bundle_path()), data_root)
+        layout = f"the bundle's own validation split (its split.csv) of {data_root}"
     else:
-        samples = scan_split(data_root, split)
+        samples, layout = scan_evaluation_data(data_root, split)
     spec = predictor.spec
     threshold, point_name = predictor.decision.threshold_for(operating_point)
     from pneumoscan.progress import bar
@@ -140,6 +141,10 @@ def evaluate_folder(model_dir: Path | None, data_root: Path, split: str, out_dir
         "tta": tta,
         "split": split,
         "data": str(data_root),
+        "layout": layout,
+        # below this many of a class, every figure here rests on too few images to trust
+        "few_images": sorted(name for name in CLASS_NAMES if readable[name] < MIN_IMAGES_PER_CLASS),
+        "min_images_per_class": MIN_IMAGES_PER_CLASS,
         "model": {"name": spec.name, "backbone": spec.backbone, "weights_sha256": spec.weights_sha256},
         "ci": {"method": "percentile bootstrap over images", "level": 0.95, "resamples": n_boot,
                "seed": seed},
@@ -216,7 +221,10 @@ def render_report(metrics: dict, *, failed: Sequence[str] = ()) -> str:
     lines = [
         f"# Evaluation of {metrics['model']['name']} on the {metrics['split']} split",
         "",
-        f"- data: `{metrics['data']}`",
+        *([f"> **Few images:** {', '.join(metrics['few_images'])} has fewer than "
+           f"{metrics['min_images_per_class']} readable images; every figure below rests on too few to trust.", ""]
+          if metrics.get("few_images") else []),
+        f"- data: `{metrics['data']}` ({metrics.get('layout', 'Kaggle layout')})",
         f"- n = {metrics['n']} images ({', '.join(f'{k} {v}' for k, v in metrics['n_by_class'].items())})",
         f"- operating point: {metrics['operating_point']}, threshold on calibrated P(pneumonia): "
         f"{metrics['threshold']:.4f} ({metrics['threshold_source']})",

@@ -188,6 +188,17 @@ class TorchRunner:
         return log_odds.double().numpy(), features.numpy()
 
 
+def check_has_graph(directory: Path, spec: BundleSpec, backend: str = "auto") -> None:
+    """Raises ConfigError, with the one command that fixes it, when ``backend`` cannot run a bundle
+    for want of its ONNX graph (asked for by name, or the light install, which has no PyTorch).
+    ``serve`` asks before forking, so its workers never fail to boot over it."""
+    if spec.onnx is None and (backend in ("onnxruntime", "openvino") or importlib.util.find_spec("torch") is None):
+        # the fix is one command in the training install, not 6 GB of PyTorch here
+        raise ConfigError(f"{directory} has no ONNX model, which this install needs to run it: run "
+                          f"'pneumoscan export --model {directory}' where PyTorch is installed "
+                          f"(the training install, {TRAIN_EXTRA})")
+
+
 def open_runner(directory: Path, spec: BundleSpec, model: "Classifier | Ensemble | None" = None, *,
                 backend: str = "auto", allow_torch_fallback: bool = False) -> Runner:
     """The runner ``backend`` asks for: ``onnxruntime``, ``openvino`` (optional, the same graph),
@@ -218,8 +229,7 @@ def open_runner(directory: Path, spec: BundleSpec, model: "Classifier | Ensemble
     if backend == "torch":
         return torch_runner()
     if spec.onnx is None:
-        if backend in ("onnxruntime", "openvino"):
-            raise ConfigError(f"{directory} has no ONNX model; run 'pneumoscan export --model {directory}' first")
+        check_has_graph(directory, spec, backend)
         return torch_runner()
     from pneumoscan.integrity import verify_part
 

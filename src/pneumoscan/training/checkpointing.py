@@ -3,7 +3,8 @@
 Lightning's own writer goes through fsspec, which stages the file in the system temporary
 directory and then moves it; across file systems that move is a copy, so a kill at the wrong
 moment leaves a truncated ``last.ckpt``. Here the file is written beside its target, synced,
-and renamed over it: the old checkpoint or the new one, never a mixture.
+and renamed over it: the old checkpoint or the new one, never a mixture. SIGINT and SIGTERM are
+held while it is written, so a signal finishes the write rather than breaking it.
 
 Checkpoints are read with ``weights_only=True``, always: a ``last.ckpt`` from elsewhere is a
 pickle, and with ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` in the environment torch's default lets
@@ -13,8 +14,11 @@ override only a call that did not say ``weights_only`` itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +47,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
         try:
-            with open(partial, "wb") as handle:
+            with _signals_held(), open(partial, "wb") as handle:
                 torch.save(checkpoint, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -55,3 +59,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.fsync(directory)  # the rename itself survives a power cut
         finally:
             os.close(directory)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM wait until the write is done (they are delivered right after): a
+    handler that raises mid-``torch.save`` would leave a broken file and a RuntimeError."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)

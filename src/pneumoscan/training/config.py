@@ -95,6 +95,12 @@ class TrainConfig:
     half_bundle: bool = option(True, "Store the bundle's weights in fp16 (--fp32-bundle: float32).",
                                flags=("--fp16-bundle/--fp32-bundle",))
     limit_train_batches: float = option(1.0, "Fraction (<=1) or number (>1) of train batches per epoch.")
+    gate: bool = option(True, "Fit the input gate on the run's own training films (--no-gate: the bundle "
+                              "refuses nothing far from them, and says so everywhere).", flags=("--gate/--no-gate",))
+    export: bool = option(True, "Export the bundle to ONNX, checked against PyTorch (--no-export: it then "
+                                "runs only where PyTorch is installed).", flags=("--export/--no-export",))
+    population: str | None = option(None, "Who the training films come from (ages, views, centres, "
+                                           "scanners), for the model card; default: 'not described'.")
 
     def validate(self) -> None:
         """Raises ConfigError on values that cannot work."""

@@ -8,6 +8,7 @@ import platform
 import signal
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from pneumoscan.calibration import calibrate_on_validation
-from pneumoscan.data import CLASS_NAMES, class_counts
+from pneumoscan.data import CLASS_NAMES, MIN_IMAGES_PER_CLASS, class_counts, describe_dataset
 from pneumoscan.errors import ConfigError, TrainingInterrupted
 from pneumoscan.models import BundleSpec, PixelNetwork, backbone_info, create_classifier, save_bundle
 from pneumoscan.plots import pyplot, training_curves_figure
@@ -37,14 +38,20 @@ def _devices(value: str) -> int | str:
     return int(value) if value.isdigit() else value
 
 
-def train(config: TrainConfig, *, quiet: bool = False) -> Path | None:
-    """Train, select the best epoch on validation loss, pick the threshold, write the bundle.
+def train(config: TrainConfig, *, quiet: bool = False, report: Callable[[str], None] | None = None) -> Path | None:
+    """Train, select the best epoch on validation loss, calibrate and pick the thresholds on
+    validation, write ``OUT/bundle`` (the network only: :func:`pneumoscan.pipeline.train_bundle`
+    adds the gate and the ONNX graph).
 
     Lightning's rich progress bar is drawn on stderr when it is a terminal, unless ``quiet``.
+    ``report`` gets the split's sizes and any warning, a line each (default: the log). Below
+    MIN_IMAGES_PER_CLASS validation images of a class no temperature is fitted, and the bundle
+    records ``few_validation_images``.
 
     Returns the bundle directory (``OUT/bundle``) on the main process, None on other DDP ranks.
     A run killed mid-way continues from ``OUT/checkpoints/last.ckpt`` with ``resume=True``.
     """
+    say = report or log.info
     config.validate()
     backbone_info(config.backbone)  # an unknown name fails before any data is read
     pl.seed_everything(config.seed, workers=True, verbose=False)
@@ -60,6 +67,14 @@ def train(config: TrainConfig, *, quiet: bool = False) -> Path | None:
 
     datamodule = ChestXrayDataModule.from_config(config)
     datamodule.setup("fit")
+    val_counts = dict(zip(CLASS_NAMES, class_counts(datamodule.split.val)))
+    few = min(val_counts.values()) < MIN_IMAGES_PER_CLASS
+    if few:
+        say(f"warning: validation holds {', '.join(f'{k} {v}' for k, v in val_counts.items())}, fewer than "
+            f"{MIN_IMAGES_PER_CLASS} of a class: no temperature{' and no input gate' if config.gate else ''} "
+            "will be fitted on so few, and the card says its figures rest on them (add films or raise --val-fraction)")
+    say(f"  {sum(class_counts(datamodule.split.train))} training films, {sum(val_counts.values())} validation "
+        f"films ({', '.join(f'{k} {v}' for k, v in val_counts.items())})")
     net = create_classifier(config.backbone, weights=config.weights, head=config.head,
                             input_size=config.input_size, dropout=config.dropout)
     balance_weights = datamodule.class_weights() if config.class_balance != "none" else None
@@ -85,6 +100,7 @@ def train(config: TrainConfig, *, quiet: bool = False) -> Path | None:
         latest,
         EarlyStopping(monitor="val_loss", mode="min", patience=config.patience),
         LearningRateMonitor(logging_interval="epoch"),
+        _StopOnSigint(),
     ]
     if config.ema_decay is not None:
         # Validation, early stopping and every checkpoint's state_dict see the averaged weights, so
@@ -111,23 +127,50 @@ def train(config: TrainConfig, *, quiet: bool = False) -> Path | None:
     if not trainer.is_global_zero:
         return None
     return export_bundle(config, datamodule, module, best.best_model_path or str(last_ckpt),
-                         fit_seconds=fit_seconds)
+                         fit_seconds=fit_seconds, few_validation=few)
 
 
 class _SigintReceived(BaseException):
     """SIGINT during fit. Not a KeyboardInterrupt, which Lightning turns into exit status 1."""
 
 
+class _StopOnSigint(pl.Callback):
+    """Raises _SigintReceived at the next batch boundary once SIGINT has arrived.
+
+    The handler only sets a flag, as Lightning's own SIGTERM handler does: an exception raised
+    from a signal handler lands wherever the main thread happens to be, and inside
+    ``torch.save`` that breaks the checkpoint being written ("enforce fail at
+    inline_container.cc ... unexpected pos", exit 1 instead of 130). Between batches nothing is
+    half-done.
+    """
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def _check(self, *args) -> None:
+        if self.received:
+            raise _SigintReceived()
+
+    on_train_batch_start = on_train_batch_end = on_validation_batch_end = on_validation_start = _check
+
+
 @contextlib.contextmanager
 def _interruptible(trainer: pl.Trainer, last_ckpt: Path):
-    """SIGTERM (Lightning stops after the current batch) or SIGINT: save a resumable checkpoint
-    at ``last_ckpt``, then raise TrainingInterrupted with the exit status a scheduler expects."""
+    """SIGTERM (Lightning stops after the current batch) or SIGINT (the same, through
+    _StopOnSigint): save a resumable checkpoint at ``last_ckpt``, then raise TrainingInterrupted
+    with the exit status a scheduler expects."""
+    stopper = next((c for c in trainer.callbacks if isinstance(c, _StopOnSigint)), None)
+
     def on_sigint(signum, frame):
-        raise _SigintReceived()
+        if stopper is None:
+            raise _SigintReceived()
+        stopper.received = True
 
     previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
     try:
         yield
+        if stopper is not None and stopper.received:  # it came after the last batch: still a stop
+            raise _SigintReceived()
     except (SIGTERMException, _SigintReceived) as exc:
         sigterm = isinstance(exc, SIGTERMException)
         trainer.save_checkpoint(str(last_ckpt))  # mid-epoch is fine: the loops' progress is in it
@@ -140,7 +183,7 @@ def _interruptible(trainer: pl.Trainer, last_ckpt: Path):
 
 
 def export_bundle(config: TrainConfig, datamodule: ChestXrayDataModule, module: PneumoniaClassifier,
-                  checkpoint: str, *, fit_seconds: float) -> Path:
+                  checkpoint: str, *, fit_seconds: float, few_validation: bool = False) -> Path:
     """Load the best checkpoint, choose the threshold on validation, write ``OUT/bundle``."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
@@ -156,7 +199,7 @@ def export_bundle(config: TrainConfig, datamodule: ChestXrayDataModule, module: 
         for pixels, labels in datamodule.val_dataloader():
             log_odds.extend(network(pixels)[0].tolist())
             y_true.extend(labels.tolist())
-    calibration = calibrate_on_validation(y_true, log_odds)
+    calibration = calibrate_on_validation(y_true, log_odds, fit_scale=not few_validation)
     val_metrics = calibration.validation_metrics(
         n_by_class=dict(zip(CLASS_NAMES, class_counts(datamodule.split.val))))
 
@@ -179,7 +222,9 @@ def export_bundle(config: TrainConfig, datamodule: ChestXrayDataModule, module: 
         provenance=Provenance(
             training={**config.as_json(), "best_checkpoint": Path(checkpoint).name,
                       "fit_seconds": round(fit_seconds, 1),
-                      "train_counts": class_counts(datamodule.split.train)},
+                      "train_counts": class_counts(datamodule.split.train),
+                      "dataset": describe_dataset(config.data, datamodule.split),
+                      "few_validation_images": few_validation},
             split_manifest_sha256=split_sha, versions=_versions(),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds")),
     )

@@ -65,6 +65,11 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(api.bp, url_prefix="/api/v1")
     app.register_blueprint(docs.bp)
     _register_error_handlers(app)
+
+    @app.context_processor
+    def model_flags() -> dict[str, bool]:
+        return {"ungated": predictor.gate is None}  # every page says so when nothing is refused
+
     return app
 
 

@@ -24,7 +24,9 @@ def predict():
         status = results[0]["http_status"]
     for r in results:
         r.pop("http_status", None)
-    body = {"results": results}
+    spec = predictor().spec
+    body = {"results": results,
+            "model": {"name": spec.name, "weights_sha256": spec.weights_sha256, "gated": predictor().gate is not None}}
     if status != 200:
         body["error"] = results[0]["error"]
     return jsonify(body), status

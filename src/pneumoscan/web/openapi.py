@@ -59,6 +59,13 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+#: Which model answered, and whether an input gate stood in front of it.
+_MODEL_BLOCK = {"type": "object", "required": ["name", "weights_sha256", "gated"],
+                "properties": {"name": {"type": "string"}, "weights_sha256": {"type": "string"},
+                               "gated": {"type": "boolean", "description": "false: this bundle has no input gate, "
+                                         "so nothing far from its training films is refused"}}}
+
+
 def openapi_spec(*, operating_points: list[str], max_files: int, max_bytes: int,
                  api_keys: bool = False) -> dict[str, Any]:
     """The spec for one app: its model's operating points, its configured limits, and (when the
@@ -97,8 +104,9 @@ def openapi_spec(*, operating_points: list[str], max_files: int, max_bytes: int,
                         },
                     }}}},
                 "responses": {
-                    "200": _json({"type": "object", "required": ["results"],
-                                  "properties": {"results": {"type": "array", "items": _RESULT}}},
+                    "200": _json({"type": "object", "required": ["results", "model"],
+                                  "properties": {"results": {"type": "array", "items": _RESULT},
+                                                 "model": _MODEL_BLOCK}},
                                  "One result per file; at least one file was an image."),
                     **errors,
                 },

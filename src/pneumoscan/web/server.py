@@ -89,7 +89,7 @@ def run_gunicorn(*, model_dir: Path | None, host: str, port: int, workers: int |
         ConfigError: a setting is invalid.
     """
     from pneumoscan.errors import ConfigError
-    from pneumoscan.runtime import default_threads, usable_cores
+    from pneumoscan.runtime import check_has_graph, default_threads, usable_cores
     from pneumoscan.web.audit import AuditLog
     from pneumoscan.web.config import load_config
 
@@ -113,6 +113,7 @@ def run_gunicorn(*, model_dir: Path | None, host: str, port: int, workers: int |
     # Fail here, with a clear message, rather than inside every worker. No torch computation in
     # the master: OpenMP threads started before gunicorn forks would deadlock the workers.
     spec = verify_bundle(bundle, check_onnx=not config["ALLOW_TORCH_FALLBACK"], expected_digest=config["MODEL_SHA256"])
+    check_has_graph(bundle, spec, config["BACKEND"])
     if config["AUDIT_LOG"]:
         AuditLog(config["AUDIT_LOG"])  # an unwritable path fails now, not in every worker
     shared = shares_model(spec, inference_threads, config["BACKEND"], config["ALLOW_TORCH_FALLBACK"])
