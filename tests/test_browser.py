@@ -171,6 +171,14 @@ def test_upload_explain_switch_and_refuse_in_chromium(live_server: str, page) ->
     assert forced.locator(".label").inner_text() in ("NORMAL", "PNEUMONIA")
     assert "Analysed outside the input gate" in forced.locator(".outside-gate-note").inner_text()
     assert forced.locator("li[data-review-reason=outside_gate]").count() == 1
+    # in place: the other film's card is still there, and the downloads carry the new answer
+    assert page.locator("article.card").count() == 2
+    assert page.locator("article.card", has_text="chest.png").locator(".label").inner_text() in ("NORMAL", "PNEUMONIA")
+    with page.expect_download() as download:
+        page.click("#download-json")
+    results = json.loads(Path(download.value.path()).read_text())
+    assert [(r["filename"], r["status"]) for r in results] == [("chest.png", "ok"), ("holiday.jpg", "ok")]
+    assert results[1]["outside_gate"] is True
     page.screenshot(path=str(ARTIFACTS / "browser-analyse-anyway.png"), full_page=True)
 
     page.click("nav >> text=Model card")

@@ -17,7 +17,7 @@ import typer
 from pneumoscan.cli_output import check_writable_file, check_writable_folder, terminal_safe, write_csv
 from pneumoscan.errors import PneumoscanError
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Pneumonia detection on chest X-rays: train, evaluate, predict, serve.")
 
 

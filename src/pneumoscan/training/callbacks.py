@@ -1,9 +1,9 @@
-"""Training callbacks: staged fine-tuning of the backbone."""
+"""Training callbacks: staged fine-tuning of the backbone, and the progress bar."""
 
 from __future__ import annotations
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import BaseFinetuning
+from lightning.pytorch.callbacks import BaseFinetuning, RichProgressBar
 from torch import nn
 from torch.optim import Optimizer
 
@@ -38,3 +38,17 @@ class StagedFinetuning(BaseFinetuning):
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
                     p.requires_grad for p in module.parameters()):
                 module.eval()
+
+
+class EpochProgressBar(RichProgressBar):
+    """Lightning's rich bar, counting epochs from 1 ("Epoch 1/1", not "Epoch 0/0") and without
+    the logger's ``v_num``, which means nothing to someone training a model."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        description = f"Epoch {current_epoch + 1}" + (f"/{self.trainer.max_epochs}" if self.trainer.max_epochs else "")
+        return f"{description:{len(self.validation_description)}}"
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items

@@ -101,7 +101,7 @@ class ChestXrayDataModule(pl.LightningDataModule):
         except DatasetError:
             log.info("no usable official val/ folder; validation comes from train/ only")
         self.split = carve_validation(pool, fraction=self.val_fraction, seed=self.split_seed)
-        log.info("train %s, validation %s (NORMAL, PNEUMONIA)",
+        log.debug("train %s, validation %s (NORMAL, PNEUMONIA)",
                  class_counts(self.split.train), class_counts(self.split.val))
         preprocessing = Preprocessing(size=self.input_size, equalize=self.equalize)
         self.train_set = XrayDataset(self.split.train, preprocessing,

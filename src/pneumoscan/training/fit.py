@@ -5,17 +5,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import platform
+import re
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import (EarlyStopping, EMAWeightAveraging, LearningRateMonitor,
-                                         ModelCheckpoint, RichProgressBar)
+from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -26,7 +27,7 @@ from pneumoscan.models import BundleSpec, PixelNetwork, backbone_info, create_cl
 from pneumoscan.plots import pyplot, training_curves_figure
 from pneumoscan.progress import shows_progress
 from pneumoscan.spec import Provenance
-from pneumoscan.training.callbacks import StagedFinetuning
+from pneumoscan.training.callbacks import EpochProgressBar, StagedFinetuning
 from pneumoscan.training.config import TrainConfig
 from pneumoscan.training.checkpointing import AtomicCheckpointIO
 from pneumoscan.training.datamodule import ChestXrayDataModule
@@ -109,25 +110,53 @@ def train(config: TrainConfig, *, quiet: bool = False, report: Callable[[str], N
         callbacks.append(EMAWeightAveraging(decay=config.ema_decay))
     show_progress = shows_progress(quiet)
     if show_progress:
-        callbacks.append(RichProgressBar(console_kwargs={"stderr": True}))
+        callbacks.append(EpochProgressBar(console_kwargs={"stderr": True}))
     if config.weights != "none" or config.frozen_epochs > 0:
         callbacks.append(StagedFinetuning(unfreeze_at_epoch=config.frozen_epochs,
                                           blocks=config.finetune_blocks,
                                           lr_factor=config.finetune_lr_factor))
-    trainer = pl.Trainer(
-        default_root_dir=out, max_epochs=config.epochs, accelerator=config.accelerator,
-        devices=_devices(config.devices), num_nodes=config.num_nodes, strategy=config.strategy,
-        precision=config.precision, callbacks=callbacks, logger=CSVLogger(out, name="logs"),
-        deterministic=False, log_every_n_steps=10, limit_train_batches=config.train_batches,
-        enable_model_summary=False, enable_progress_bar=show_progress, plugins=[AtomicCheckpointIO()])
+    with _quiet_lightning():  # its hardware lines and tips print when the Trainer is built
+        trainer = _trainer(config, callbacks, out, show_progress)
     started = time.perf_counter()
-    with _interruptible(trainer, last_ckpt):
+    with _interruptible(trainer, last_ckpt), _quiet_lightning():
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last_ckpt) if config.resume else None)
     fit_seconds = time.perf_counter() - started
     if not trainer.is_global_zero:
         return None
     return export_bundle(config, datamodule, module, best.best_model_path or str(last_ckpt),
                          fit_seconds=fit_seconds, few_validation=few)
+
+
+def _trainer(config: TrainConfig, callbacks: list, out: Path, show_progress: bool) -> pl.Trainer:
+    return pl.Trainer(
+        default_root_dir=out, max_epochs=config.epochs, accelerator=config.accelerator,
+        devices=_devices(config.devices), num_nodes=config.num_nodes, strategy=config.strategy,
+        precision=config.precision, callbacks=callbacks, logger=CSVLogger(out, name="logs"),
+        deterministic=False, log_every_n_steps=10, limit_train_batches=config.train_batches,
+        enable_model_summary=False, enable_progress_bar=show_progress, plugins=[AtomicCheckpointIO()])
+
+
+#: Lightning's messages that say nothing to someone training a model (hardware lines, a cloud
+#: logging advert, our own deliberate datamodule/module split, small-batch logging advice).
+_NOISE = ("isinstance(treespec, LeafSpec)", "You have overridden `on_after_batch_transfer`",
+          "The number of training batches", "The number of validation batches")
+
+
+@contextlib.contextmanager
+def _quiet_lightning():
+    """Lightning's info lines and known warnings off for the fit; real warnings still show."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        for text in _NOISE:
+            warnings.filterwarnings("ignore", message=f".*{re.escape(text)}")
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
 
 
 class _SigintReceived(BaseException):
@@ -230,7 +259,7 @@ def export_bundle(config: TrainConfig, datamodule: ChestXrayDataModule, module: 
     )
     bundle_dir = config.out / "bundle"
     save_bundle(net, spec, bundle_dir, half=config.half_bundle, extra_files={"split.csv": split_csv})
-    log.info("bundle written to %s (val AUC %.4f, temperature %.3f, threshold %.4f)", bundle_dir,
+    log.debug("bundle written to %s (val AUC %.4f, temperature %.3f, threshold %.4f)", bundle_dir,
              val_metrics["roc_auc"], calibration.temperature, calibration.decision.threshold)
     return bundle_dir
 

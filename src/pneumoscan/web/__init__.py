@@ -66,9 +66,14 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(docs.bp)
     _register_error_handlers(app)
 
+    from pneumoscan.card import model_card
+
+    card = model_card(predictor.spec)
+
     @app.context_processor
-    def model_flags() -> dict[str, bool]:
-        return {"ungated": predictor.gate is None}  # every page says so when nothing is refused
+    def model_facts() -> dict[str, Any]:
+        # every page says who the model was trained on, and says so when nothing is refused
+        return {"ungated": predictor.gate is None, "population": card["population"]}
 
     return app
 

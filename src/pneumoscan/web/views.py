@@ -43,7 +43,7 @@ _NOT_DOWNLOADED = frozenset({"http_status", "upload_b64"})
 #: How each review reason reads on a result card.
 REVIEW_WORDS = {
     "uncertain_probability": "the probability is close to the threshold, inside the review band",
-    "near_gate_limit": "the film is unusual for this model, close to the input gate's limit",
+    "near_gate_limit": "the film is unusual for this model: near the input gate's limit, or past it",
     "outside_gate": "the input gate would have refused this film; it was analysed anyway",
 }
 

@@ -73,7 +73,7 @@ function setupWorking() {
 function setupDownloads() {
   const data = document.getElementById("results-data");
   if (!data) return;
-  const results = JSON.parse(data.textContent);
+  const results = () => JSON.parse(data.textContent);  // read at click: "Analyse anyway" updates it
   const save = (name, type, text) => {
     const link = document.createElement("a");
     link.href = URL.createObjectURL(new Blob([text], {type}));
@@ -89,30 +89,52 @@ function setupDownloads() {
   const cell = (value) => {
     let text = value == null ? "" : Array.isArray(value) ? value.join(";")
       : typeof value === "object" ? (value.message || "") : String(value);
-    if (/^[=+\-@]/.test(text)) text = "'" + text;  // a file name must not become a spreadsheet formula
+    if (/^[=+\-@\t\r]/.test(text)) text = "'" + text;  // a file name must not become a spreadsheet formula
     return /[",\n]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
   };
   document.getElementById("download-json").addEventListener("click", () =>
-    save("pneumoscan-results.json", "application/json", JSON.stringify(results, null, 2) + "\n"));
+    save("pneumoscan-results.json", "application/json", JSON.stringify(results(), null, 2) + "\n"));
   document.getElementById("download-csv").addEventListener("click", () =>
     save("pneumoscan-results.csv", "text/csv",
-         [columns.join(","), ...results.map((r) => columns.map((c) => cell(r[c])).join(","))].join("\n") + "\n"));
+         [columns.join(","), ...results().map((r) => columns.map((c) => cell(r[c])).join(","))].join("\n") + "\n"));
 }
 
 // "Analyse anyway" on a refused film: send the same file again, with force=true. The page holds
-// the upload (the server kept nothing), so it is put back into the form's file input and posted.
+// the upload (the server kept nothing), so it is posted with the form's token, and the answer's
+// card replaces the refused one in place: the other films' cards stay as they were.
 function setupAnalyseAnyway() {
   const form = document.getElementById("upload-form");
-  const input = document.getElementById("file");
-  const force = document.getElementById("force");
-  if (!form || !input || !force) return;
-  document.querySelectorAll(".analyse-anyway").forEach((button) => button.addEventListener("click", () => {
+  if (!form) return;
+  document.querySelectorAll(".analyse-anyway").forEach((button) => button.addEventListener("click", async () => {
     const bytes = Uint8Array.from(atob(button.dataset.upload), (c) => c.charCodeAt(0));
-    const transfer = new DataTransfer();
-    transfer.items.add(new File([bytes], button.dataset.filename));
-    input.files = transfer.files;
-    force.value = "true";
-    form.requestSubmit();
+    const body = new FormData();
+    body.append("csrf_token", form.querySelector("input[name=csrf_token]").value);
+    body.append("file", new File([bytes], button.dataset.filename));
+    body.append("force", "true");
+    const point = form.querySelector("select[name=operating_point]");
+    if (point) body.append("operating_point", point.value);
+    const explain = form.querySelector("input[name=explain]");
+    if (explain && explain.checked) body.append("explain", "true");
+    button.disabled = true;
+    button.textContent = "Analysing\u2026";
+    const response = await fetch(form.action || window.location.pathname, {method: "POST", body});
+    const answer = new DOMParser().parseFromString(await response.text(), "text/html");
+    const card = answer.querySelector(".results .card");
+    const old = button.closest(".card");
+    if (!card) {
+      button.textContent = (answer.querySelector(".error") || {}).textContent || "The server could not analyse it";
+      return;
+    }
+    const cards = Array.from(document.querySelectorAll(".results .card"));
+    old.replaceWith(card);
+    if (card.classList.contains("ok")) setupCard(card);
+    const data = document.getElementById("results-data");
+    const fresh = answer.getElementById("results-data");
+    if (data && fresh) {  // the downloads carry the new answer too
+      const results = JSON.parse(data.textContent);
+      results[cards.indexOf(old)] = JSON.parse(fresh.textContent)[0];
+      data.textContent = JSON.stringify(results);
+    }
   }));
 }
 
