@@ -217,7 +217,7 @@ def test_train_options_come_from_train_config() -> None:
 
 def test_train_cli_builds_the_config_it_shows(monkeypatch, tmp_path: Path) -> None:
     seen = []
-    monkeypatch.setattr("pneumoscan.training.fit.train", lambda config, quiet=False: seen.append(config))
+    monkeypatch.setattr("pneumoscan.training.fit.train", lambda config, quiet=False, report=None: seen.append(config))
     result = runner.invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--lr", "0.01",
                                  "--rotation", "5", "--no-hflip", "--fp32-bundle", "--split-seed", "7",
                                  "--limit-train-batches", "3"])

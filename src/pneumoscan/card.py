@@ -24,8 +24,9 @@ LIMITATIONS = (
 )
 GATED = ("Images far from the training distribution are refused by the input gate, but the gate cannot catch "
          "every unusual chest film.")
-UNGATED = ("This bundle has NO input gate: photographs, documents, other body parts and films unlike its training "
-           "data are NOT refused and get a confident-looking answer. Fit one with 'pneumoscan fit-gate'.")
+UNGATED = ("This bundle has NO input gate on its features: only colour, blank, tiny and lateral images are refused; "
+           "greyscale photographs, documents, other body parts and films unlike its training data get a "
+           "confident-looking answer. Fit one with 'pneumoscan fit-gate'.")
 #: A bundle trained on a site's own data says so instead of the Kermany text.
 OWN_DATA_LIMITATIONS = (
     "Trained on the data described above only; not validated on other populations, hospitals or scanners.",

@@ -190,9 +190,11 @@ def predict(
             _echo(f"{path:<{width}}  {status:<8}  {label or '-':<9}  {probability or '-':>12}  "
                        f"{cut or '-':>9}  {review or '-':<6}  {why}".rstrip())
     counts = {status: sum(r.status == status for r in results) for status in ("ok", "rejected", "error")}
-    gate_state = " (off)" if no_gate else "" if predictor.gate is not None else " (this bundle has none: nothing is refused)"
-    _echo(f"{counts['ok']} predicted, {counts['rejected']} refused by the input gate{gate_state}, "
+    _echo(f"{counts['ok']} predicted, {counts['rejected']} refused by the input gate{' (off)' if no_gate else ''}, "
           f"{counts['error']} unreadable", err=True)
+    if predictor.gate is None and not no_gate:
+        _echo("note: this bundle has no feature gate: only the image checks ran (greyscale photos and documents "
+              "are not refused); fit one with 'pneumoscan fit-gate'", err=True)
     for r in results:
         if r.status == "error":
             _echo(f"error: {r.error}", err=True)
@@ -307,7 +309,7 @@ def backbones() -> None:
 
 
 # The commands that make or rewrite a model bundle (train, calibrate, fit-gate, ensemble, export).
-from pneumoscan import cli_model  # noqa: E402,F401  (registers them on ``app``)
+from pneumoscan import cli_dicom, cli_model  # noqa: E402,F401  (registers them on ``app``)
 
 
 def main() -> None:

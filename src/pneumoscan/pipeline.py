@@ -21,8 +21,15 @@ def train_bundle(config: TrainConfig, *, quiet: bool = False,
     input gate and export to ONNX. A run whose validation split is too small to set the gate's
     limit gets no gate, with the reason reported. Returns the bundle, or None on other DDP ranks."""
     stages = 1 + int(config.gate) + int(config.export)
-    report(f"stage 1/{stages}: training {config.backbone}")
-    bundle = train(config, quiet=quiet, report=report)
+    announced = []
+
+    def training_report(line: str) -> None:
+        if not announced:  # once the data has been read: a bad folder is one error line, no stage line
+            announced.append(True)
+            report(f"stage 1/{stages}: training {config.backbone}")
+        report(line)
+
+    bundle = train(config, quiet=quiet, report=training_report)
     if bundle is None:
         return None
     stage = 1

@@ -1,0 +1,109 @@
+"""``pneumoscan dicom-node``: receive films from a PACS, analyse each with the API's Predictor,
+answer in DICOM (SR + heatmap SC) into the same study, and deliver the answers.
+
+Nothing acknowledged is lost: a film is on disk in the spool before its C-STORE succeeds; its
+results are in the outbox (synced) before it leaves the spool; a result leaves the outbox only
+when the destination confirmed it. A restart finishes both. The log has one line per film with
+UIDs and the outcome; no patient identifier reaches a log or a metric.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import Counter
+from pathlib import Path
+
+from pneumoscan.dicom.analysis import analyse
+from pneumoscan.dicom.delivery import Deliverer, Outbox, StoreTarget
+from pneumoscan.dicom.receiver import Peer, Spool, handlers, make_ae
+from pneumoscan.dicom.results import heatmap_capture, structured_report
+from pneumoscan.errors import ConfigError
+from pneumoscan.inference import Predictor
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    """The receiver, the analyser thread and the deliverer, sharing one spool and outbox."""
+
+    def __init__(self, predictor: Predictor, *, ae_title: str, port: int, peers: list[Peer], spool_dir: Path,
+                 store: StoreTarget | None = None, stow_url: str | None = None, host: str = "0.0.0.0",
+                 spool_max_bytes: int = 2 << 30, max_associations: int = 8) -> None:
+        self.predictor = predictor
+        self.counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self.spool = Spool(spool_dir / "spool", max_bytes=spool_max_bytes)
+        self.outbox = Outbox(spool_dir / "outbox")
+        self.deliverer = Deliverer(self.outbox, calling_ae=ae_title, store=store, stow_url=stow_url, count=self.count)
+        self.ae = make_ae(ae_title, peers, max_associations=max_associations)
+        self.address = (host, port)
+        self.peers = peers
+        self._films: queue.Queue[Path | None] = queue.Queue()
+        self._analyser = threading.Thread(target=self._analyse_forever, name="pneumoscan-analyser", daemon=True)
+        self._server = None
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[name] += n
+
+    def start(self) -> None:
+        for film in self.spool.films():  # left by a crash: acknowledged, so they must be finished
+            self._films.put(film)
+        self._analyser.start()
+        self.deliverer.start()
+        try:
+            self._server = self.ae.start_server(self.address, block=False, evt_handlers=handlers(
+                self.spool, self.peers, lambda path, title: self._films.put(path), self.count))
+        except OSError as exc:
+            self.close()
+            raise ConfigError(f"cannot listen on {self.address[0]}:{self.address[1]}: {exc.strerror}") from None
+        log.info("DICOM node %s listening on %s:%d; %d film(s) in the spool, %d result(s) in the outbox",
+                 self.ae.ae_title, *self._server.server_address[:2], len(self.spool.films()), len(self.outbox.pending()))
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+        self._films.put(None)
+        self._analyser.join(timeout=60)
+        self.deliverer.close()
+
+    def pending(self) -> dict[str, int]:
+        return {"spool": len(self.spool.films()), "outbox": len(self.outbox.pending())}
+
+    def _analyse_forever(self) -> None:
+        while (film := self._films.get()) is not None:
+            try:
+                self._analyse(film)
+            except Exception:  # one film must never stop the node; it stays in the spool for a restart
+                log.exception("film %s could not be analysed; it stays in the spool", film.name)
+                self.count("failed")
+
+    def _analyse(self, film: Path) -> None:
+        import pydicom
+
+        data = film.read_bytes()
+        header, analysis = analyse(self.predictor, data)
+        if header is None or "SOPInstanceUID" not in header:
+            log.warning("film %s is not a readable DICOM data set; dropped", film.name)
+            self.count("unreadable")
+            film.unlink(missing_ok=True)
+            return
+        source = pydicom.dcmread(film, stop_before_pixels=True)
+        spec = self.predictor.spec
+        results = [structured_report(source, analysis, model_name=spec.name, digest=self.predictor.digest)]
+        capture = heatmap_capture(source, analysis, digest=self.predictor.digest)
+        if capture is not None:
+            results.append(capture)
+        for dataset in results:
+            self.outbox.put(dataset)
+        film.unlink(missing_ok=True)  # its results are on disk: the film has done its job
+        self.count({"ok": "analysed", "rejected": "refused"}.get(analysis.status, "unreadable"))
+        log.info("film %s: %s -> %s", source.SOPInstanceUID, analysis.describe(),
+                 ", ".join(f"{d.Modality} {d.SOPInstanceUID}" for d in results))
+        self.deliverer.wake.set()

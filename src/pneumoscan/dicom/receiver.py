@@ -1,0 +1,162 @@
+"""The node's Storage SCP (pynetdicom): which peers and films it accepts, and the spool that
+holds every acknowledged film on disk before the success status goes back.
+
+Accepted: CR Image Storage and Digital X-Ray Image Storage (For Presentation, For Processing), in
+the transfer syntaxes the decoder handles, and Verification (C-ECHO). Any other SOP class a PACS
+forwards with a study (CT, MR, SR, presentation states) is refused at association negotiation
+(its presentation context is not accepted), so the sender never records it as analysed.
+Calling peers must be on the allow-list (``AET@HOST``); others get an A-ASSOCIATE-RJ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
+                         ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit,
+                         JPEGExtended12Bit, JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEGLSNearLossless,
+                         RLELossless)
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
+                                  DigitalXRayImageStorageForProcessing, Verification)
+
+from pneumoscan.imaging import MAX_FILE_BYTES
+
+log = logging.getLogger(__name__)
+
+FILM_CLASSES = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
+                DigitalXRayImageStorageForProcessing)
+TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian,
+                     DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless,
+                     JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, RLELossless]
+#: DIMSE statuses (PS3.4 C.4.2.3 / Annex B).
+SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
+
+
+@dataclass(frozen=True)
+class Peer:
+    """An allowed calling AE: title and host (``*`` for any host)."""
+
+    ae_title: str
+    host: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Peer":
+        title, _, host = text.partition("@")
+        if not title or not host or len(title) > 16:
+            from pneumoscan.errors import ConfigError
+
+            raise ConfigError(f"--allow takes AET@HOST (an AE title of at most 16 characters), got {text!r}")
+        return cls(title, host)
+
+    def admits(self, title: str, host: str) -> bool:
+        return self.ae_title == title and self.host in ("*", host)
+
+
+class Spool:
+    """Acknowledged films on disk (mode 0700), each written whole and synced before the success."""
+
+    def __init__(self, directory: Path, *, max_bytes: int) -> None:
+        self.directory = directory
+        self.incoming = directory / "incoming"
+        self.max_bytes = max_bytes
+        for folder in (directory, self.incoming):
+            folder.mkdir(parents=True, exist_ok=True)
+            folder.chmod(0o700)
+
+    def films(self) -> list[Path]:
+        """Spooled films not yet analysed, oldest first."""
+        return sorted(self.directory.glob("*.dcm"), key=lambda p: p.stat().st_mtime)
+
+    def used_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.directory.rglob("*") if p.is_file())
+
+    def has_room(self, size: int) -> bool:
+        return (self.used_bytes() + size <= self.max_bytes
+                and shutil.disk_usage(self.directory).free > size + 64 * 1024 * 1024)
+
+    def store(self, received: Path) -> Path:
+        """Move a received Part 10 file (pynetdicom wrote it into ``incoming/``) into the spool,
+        synced, under its content's sha256."""
+        digest = hashlib.sha256()
+        with open(received, "rb+") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+            os.fsync(handle.fileno())
+        target = self.directory / f"{digest.hexdigest()}.dcm"
+        os.replace(received, target)
+        directory = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename survives a power cut before the status goes back
+        finally:
+            os.close(directory)
+        return target
+
+
+def make_ae(ae_title: str, peers: list[Peer], *, max_associations: int = 8, timeout: float = 30.0) -> AE:
+    """The acceptor with its contexts, allow-list and bounds (associations, timeouts, PDU size)."""
+    ae = AE(ae_title=ae_title)
+    for sop_class in FILM_CLASSES:
+        ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification)
+    ae.require_calling_aet = sorted({peer.ae_title for peer in peers})
+    ae.maximum_associations = max_associations
+    ae.acse_timeout = ae.dimse_timeout = timeout
+    ae.network_timeout = 2 * timeout
+    ae.maximum_pdu_size = 64 * 1024
+    return ae
+
+
+def handlers(spool: Spool, peers: list[Peer], on_film: Callable[[Path, str], None],
+             count: Callable[[str], None]) -> list:
+    """pynetdicom event handlers: the host check, C-ECHO, C-STORE into the spool."""
+    # Received data sets are written to a file as they arrive (memory stays bounded), in the
+    # spool's own folder so that moving them in is a rename and nothing leaves the 0700 tree.
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    tempfile.tempdir = str(spool.incoming)
+
+    def on_requested(event) -> None:
+        title = str(event.assoc.requestor.primitive.calling_ae_title).strip()  # not yet copied to ae_title
+        host = event.assoc.requestor.address
+        if not any(peer.admits(title, host) for peer in peers):
+            log.warning("association from %s@%s refused: not on the allow-list", title, host)
+            count("refused_associations")
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
+            event.assoc.is_rejected = True
+            event.assoc.kill()
+
+    def on_echo(event) -> int:
+        return SUCCESS
+
+    def on_store(event) -> int | tuple:
+        path = Path(event.dataset_path)
+        size = path.stat().st_size
+        title = event.assoc.requestor.ae_title.strip()
+        count("received")
+        try:
+            if size > MAX_FILE_BYTES:
+                log.warning("film from %s refused: %d MB, the limit is %d MB", title, size >> 20, MAX_FILE_BYTES >> 20)
+                count("refused_too_large")
+                return CANNOT_UNDERSTAND
+            if not spool.has_room(size):
+                log.warning("film from %s not accepted: the spool is full (out of resources; the sender keeps it)", title)
+                count("refused_spool_full")
+                return OUT_OF_RESOURCES
+            stored = spool.store(path)
+        except OSError as exc:
+            log.error("film from %s not accepted: the spool could not be written (%s)", title, exc.strerror)
+            count("refused_spool_full")
+            return OUT_OF_RESOURCES
+        finally:
+            path.unlink(missing_ok=True)
+        on_film(stored, title)
+        return SUCCESS
+
+    return [(evt.EVT_REQUESTED, on_requested), (evt.EVT_C_ECHO, on_echo), (evt.EVT_C_STORE, on_store)]

@@ -1,0 +1,240 @@
+"""The DICOM node against a real PACS: Debian's Orthanc on loopback (a temporary configuration
+and storage folder), dcmtk's storescu and echoscu as the modality, dicom3tools' dciodvfy as the
+validator. Without them the tests skip with the package to install; CI installs all three."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_xray
+
+TOOLS = {"Orthanc": "orthanc", "storescu": "dcmtk", "echoscu": "dcmtk", "dciodvfy": "dicom3tools"}
+
+
+def _need(*tools: str) -> None:
+    missing = sorted({TOOLS[t] for t in tools if shutil.which(t) is None})
+    if missing:
+        pytest.skip(f"needs {' '.join(missing)} (apt-get install -y {' '.join(missing)})")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def film(path: Path, *, seed: int = 3, age: str = "003Y", view: str = "AP", sop_class: str = "1.2.840.10008.5.1.4.1.1.1.1",
+         modality: str = "DX", study: str | None = None) -> Path:
+    """A DX (or other) Part 10 file of a synthetic chest film, with patient identifiers to keep private."""
+    from pydicom import Dataset
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study or generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Doe^Jane", "PID-98765", "20200101", "F"
+    ds.PatientAge, ds.AccessionNumber, ds.StudyID, ds.ReferringPhysicianName = age, "ACC-4242", "1", ""
+    ds.StudyDate, ds.StudyTime = "20230101", "120000"
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, 1, 1
+    ds.ViewPosition, ds.BodyPartExamined, ds.PresentationIntentType = view, "CHEST", "FOR PRESENTATION"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    pixels = np.asarray(make_xray(seed, size=(160, 144)))
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+class Orthanc:
+    """Orthanc on free loopback ports with its own storage; knows the node as modality PNEUMOSCAN."""
+
+    def __init__(self, root: Path, node_port: int, *, lua: Path | None = None) -> None:
+        self.http, self.dicom = _free_port(), _free_port()
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "pneumoscan-test", "HttpPort": self.http, "DicomPort": self.dicom, "DicomAet": "ORTHANC",
+            "StorageDirectory": str(root / "storage"), "IndexDirectory": str(root / "index"),
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "HttpServerEnabled": True,
+            "DicomModalities": {"pneumoscan": ["PNEUMOSCAN", "127.0.0.1", node_port]},
+            "DicomCheckCalledAet": False, "Plugins": [], "StableAge": 1,
+            "LuaScripts": [str(lua)] if lua else [],
+        }
+        (root / "orthanc.json").write_text(json.dumps(config))
+        self.process = subprocess.Popen(["Orthanc", str(root / "orthanc.json")], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.get("/system")
+                return
+            except OSError:
+                assert self.process.poll() is None and time.monotonic() < deadline, "Orthanc did not start"
+                time.sleep(0.2)
+
+    def get(self, path: str):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=10) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, data: bytes):
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http}{path}", data=data, method="POST")
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return json.loads(r.read())
+
+    def get_bytes(self, path: str) -> bytes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=10) as r:
+            return r.read()
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture()
+def node_port() -> int:
+    return _free_port()
+
+
+@pytest.fixture()
+def orthanc(tmp_path: Path, node_port: int):
+    _need("Orthanc")
+    pacs = Orthanc(tmp_path / "orthanc", node_port)
+    yield pacs
+    pacs.stop()
+
+
+def start_node(bundle: Path, spool: Path, port: int, pacs: Orthanc, *extra: str) -> subprocess.Popen:
+    node = subprocess.Popen(
+        [sys.executable, "-m", "pneumoscan", "dicom-node", "--model", str(bundle), "--port", str(port),
+         "--host", "127.0.0.1", "--allow", "STORESCU@127.0.0.1", "--allow", "ORTHANC@127.0.0.1",
+         "--send", f"ORTHANC@127.0.0.1:{pacs.dicom}", "--spool", str(spool), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return node
+        assert node.poll() is None and time.monotonic() < deadline, node.stdout.read()[-3000:]
+        time.sleep(0.2)
+
+
+def stop_node(node: subprocess.Popen) -> str:
+    os.killpg(node.pid, signal.SIGTERM)
+    return node.communicate(timeout=60)[0]
+
+
+def _study_instances(pacs: Orthanc, study_uid: str, want: int, timeout: float = 60) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [i for i in (pacs.get(f"/instances/{i}/simplified-tags") | {"id": i} for i in pacs.get("/instances"))
+                 if i.get("StudyInstanceUID") == study_uid]
+        if len(found) >= want:
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"only {len(found)} of {want} instances of the study reached Orthanc")
+
+
+def _content_items(dataset):
+    for item in dataset.get("ContentSequence", []):
+        yield item
+        yield from _content_items(item)
+
+
+def test_storescu_to_the_node_then_sr_and_heatmap_in_orthanc(exported_bundle: Path, tmp_path: Path,
+                                                            orthanc: Orthanc, node_port: int) -> None:
+    """A DX film sent by storescu comes back into Orthanc's study as a valid SR and SC; the SR's
+    probability is predict's on the same pixels; no identifier reaches the node's log."""
+    _need("storescu", "echoscu", "dciodvfy")
+    from pydicom import dcmread
+
+    from pneumoscan.imaging import decode_image
+    from pneumoscan.inference import Predictor
+
+    source = film(tmp_path / "film.dcm")
+    study = dcmread(source).StudyInstanceUID
+    node = start_node(exported_bundle, tmp_path / "node", node_port, orthanc)
+    try:
+        echo = subprocess.run(["echoscu", "-aet", "STORESCU", "-aec", "PNEUMOSCAN", "127.0.0.1", str(node_port)],
+                              capture_output=True, text=True, timeout=30)
+        assert echo.returncode == 0, echo.stderr
+        sent = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "PNEUMOSCAN", "127.0.0.1", str(node_port),
+                               str(source)], capture_output=True, text=True, timeout=60)
+        assert sent.returncode == 0, sent.stderr
+        results = _study_instances(orthanc, study, want=2)
+    finally:
+        log = stop_node(node)
+    by_modality = {r["Modality"]: r for r in results}
+    assert set(by_modality) == {"SR", "OT"}  # a Secondary Capture's modality is OT ("other")
+    for result in results:
+        data = orthanc.get_bytes(f"/instances/{result['id']}/file")
+        path = tmp_path / f"{result['id']}.dcm"
+        path.write_bytes(data)
+        checked = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        errors = [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]
+        assert not errors, errors
+        ds = dcmread(path)
+        assert ds.StudyInstanceUID == study and "research use only" in ds.SeriesDescription
+        assert ds.PatientID == "PID-98765"  # DICOM requires the patient module in the study's objects
+    sr = dcmread(tmp_path / f"{by_modality['SR']['id']}.dcm")
+    text = str(sr)
+    expected = Predictor.from_bundle(exported_bundle).predict([decode_image(source.read_bytes(), name="x")])[0]
+    reported = float(next(item.MeasuredValueSequence[0].NumericValue for item in _content_items(sr)
+                          if "ConceptNameCodeSequence" in item and item.ConceptNameCodeSequence[0].CodeValue == "P-PNEUMONIA"))
+    assert abs(reported - expected.probability) < 1e-6
+    assert dcmread(source).SOPInstanceUID in text  # the source film is the evidence
+    assert "PID-98765" not in log and "Doe" not in log and "ACC-4242" not in log
+    assert "film " in log and "-> SR " in log
+
+
+def test_an_unknown_calling_ae_is_refused_at_association(exported_bundle: Path, tmp_path: Path,
+                                                        orthanc: Orthanc, node_port: int) -> None:
+    _need("echoscu")
+    node = start_node(exported_bundle, tmp_path / "node", node_port, orthanc)
+    try:
+        echo = subprocess.run(["echoscu", "-aet", "INTRUDER", "-aec", "PNEUMOSCAN", "127.0.0.1", str(node_port)],
+                              capture_output=True, text=True, timeout=30)
+    finally:
+        log = stop_node(node)
+    assert echo.returncode != 0 and "reject" in (echo.stdout + echo.stderr).lower()
+    assert "INTRUDER@127.0.0.1 refused: not on the allow-list" in log
+
+
+LUA = Path(__file__).resolve().parents[1] / "deploy" / "orthanc" / "route-to-pneumoscan.lua"
+
+
+def test_orthanc_routes_a_stored_film_to_the_node_by_the_documented_lua_script(exported_bundle: Path, tmp_path: Path,
+                                                                              node_port: int) -> None:
+    _need("Orthanc")
+    from pydicom import dcmread
+
+    pacs = Orthanc(tmp_path / "orthanc", node_port, lua=LUA)
+    node = start_node(exported_bundle, tmp_path / "node", node_port, pacs)
+    try:
+        source = film(tmp_path / "film.dcm", seed=5)
+        started = time.monotonic()
+        pacs.post("/instances", source.read_bytes())  # as a modality or a person would store it
+        results = _study_instances(pacs, dcmread(source).StudyInstanceUID, want=3)  # the film, its SR and SC
+        seconds = time.monotonic() - started
+    finally:
+        log = stop_node(node)
+        pacs.stop()
+    assert sorted(r["Modality"] for r in results) == ["DX", "OT", "SR"], log[-2000:]
+    assert seconds < 60
