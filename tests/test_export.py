@@ -71,7 +71,7 @@ def test_tampered_onnx_is_refused_unless_fallback_is_allowed(onnx_bundle: Path, 
 
 
 def test_onnxruntime_backend_needs_an_exported_model(tiny_bundle: Path) -> None:
-    with pytest.raises(ConfigError, match="has no ONNX model; run 'pneumoscan export"):
+    with pytest.raises(ConfigError, match="has no ONNX model, which this install needs to run it: run 'pneumoscan export"):
         Predictor.from_bundle(tiny_bundle, backend="onnxruntime")
     with pytest.raises(ConfigError, match="unknown inference backend"):
         Predictor.from_bundle(tiny_bundle, backend="tensorrt")

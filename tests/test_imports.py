@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "pneumoscan"
 FORBIDDEN = [
     (("pneumoscan.training",), ("pneumoscan.evaluation", "pneumoscan.inference", "pneumoscan.bundle_tools",
                                 "pneumoscan.web", "pneumoscan.export", "pneumoscan.runtime")),
-    (("pneumoscan.web", "pneumoscan.inference", "pneumoscan.runtime"),
+    (("pneumoscan.web", "pneumoscan.inference", "pneumoscan.runtime", "pneumoscan.dicom", "pneumoscan.cli_dicom"),
      ("pneumoscan.training", "pneumoscan.export", "lightning", "pytorch_lightning")),
     (("pneumoscan.evaluation",), ("pneumoscan.training", "pneumoscan.export", "pneumoscan.bundle_tools",
                                   "pneumoscan.web", "lightning")),

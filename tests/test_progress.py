@@ -62,4 +62,4 @@ def test_train_draws_lightnings_rich_bar_on_a_terminal(xray_root: Path, tmp_path
                                         "--weights", "none", "--input-size", "64", "--epochs", "1",
                                         "--frozen-epochs", "0", "--batch-size", "8"])
     assert status == 0, shown[-2000:]
-    assert "Epoch 0/0" in shown and "━" in shown and "bundle written" in shown
+    assert "Epoch 1/1" in shown and "━" in shown and "bundle ready" in shown

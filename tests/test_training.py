@@ -205,7 +205,7 @@ def test_two_process_ddp_on_cpu(xray_root: Path, tmp_path: Path) -> None:
            "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "world_size" in result.stderr or "distributed" in result.stderr.lower()
+    assert "2 processes (ddp) on cpu" in result.stderr
     spec = json.loads((tmp_path / "ddp" / "bundle" / "model.json").read_text())
     training = spec["provenance"]["training"]
     assert training["strategy"] == "ddp" and training["devices"] == "2"

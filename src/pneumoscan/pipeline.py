@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from pneumoscan.data import MIN_IMAGES_PER_CLASS
 from pneumoscan.integrity import read_spec
 from pneumoscan.training import TrainConfig, train
 
@@ -36,8 +35,8 @@ def train_bundle(config: TrainConfig, *, quiet: bool = False,
     if config.gate:
         stage += 1
         if read_spec(bundle).provenance.training.get("few_validation_images"):
-            report(f"stage {stage}/{stages}: no input gate: its limit needs {MIN_IMAGES_PER_CLASS} validation "
-                   "films a class (fit-gate can add one once there are)")
+            report(f"stage {stage}/{stages}: no input gate: its limit needs {config.min_validation_per_class} "
+                   "validation films a class (fit-gate can add one once there are)")
         else:
             from pneumoscan.bundle_tools import fit_bundle_gate
 

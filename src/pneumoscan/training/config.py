@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from pneumoscan.data import MIN_IMAGES_PER_CLASS
 from pneumoscan.errors import ConfigError
 
 CLASS_BALANCE_CHOICES = ("weights", "sampling", "none")
@@ -95,6 +96,8 @@ class TrainConfig:
     half_bundle: bool = option(True, "Store the bundle's weights in fp16 (--fp32-bundle: float32).",
                                flags=("--fp16-bundle/--fp32-bundle",))
     limit_train_batches: float = option(1.0, "Fraction (<=1) or number (>1) of train batches per epoch.")
+    min_validation_per_class: int = option(MIN_IMAGES_PER_CLASS, "Validation films a class needs before a temperature and a gate "
+                                               "limit are fitted on them (below it: a warning, neither is fitted).")
     gate: bool = option(True, "Fit the input gate on the run's own training films (--no-gate: the bundle "
                               "refuses nothing far from them, and says so everywhere).", flags=("--gate/--no-gate",))
     export: bool = option(True, "Export the bundle to ONNX, checked against PyTorch (--no-export: it then "

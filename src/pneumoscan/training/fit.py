@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from pneumoscan.calibration import calibrate_on_validation
-from pneumoscan.data import CLASS_NAMES, MIN_IMAGES_PER_CLASS, class_counts, describe_dataset
+from pneumoscan.data import CLASS_NAMES, class_counts, describe_dataset
 from pneumoscan.errors import ConfigError, TrainingInterrupted
 from pneumoscan.models import BundleSpec, PixelNetwork, backbone_info, create_classifier, save_bundle
 from pneumoscan.plots import pyplot, training_curves_figure
@@ -46,7 +46,7 @@ def train(config: TrainConfig, *, quiet: bool = False, report: Callable[[str], N
 
     Lightning's rich progress bar is drawn on stderr when it is a terminal, unless ``quiet``.
     ``report`` gets the split's sizes and any warning, a line each (default: the log). Below
-    MIN_IMAGES_PER_CLASS validation images of a class no temperature is fitted, and the bundle
+    ``config.min_validation_per_class`` validation images of a class no temperature is fitted, and the bundle
     records ``few_validation_images``.
 
     Returns the bundle directory (``OUT/bundle``) on the main process, None on other DDP ranks.
@@ -69,10 +69,10 @@ def train(config: TrainConfig, *, quiet: bool = False, report: Callable[[str], N
     datamodule = ChestXrayDataModule.from_config(config)
     datamodule.setup("fit")
     val_counts = dict(zip(CLASS_NAMES, class_counts(datamodule.split.val)))
-    few = min(val_counts.values()) < MIN_IMAGES_PER_CLASS
+    few = min(val_counts.values()) < config.min_validation_per_class
     if few:
         say(f"warning: validation holds {', '.join(f'{k} {v}' for k, v in val_counts.items())}, fewer than "
-            f"{MIN_IMAGES_PER_CLASS} of a class: no temperature{' and no input gate' if config.gate else ''} "
+            f"{config.min_validation_per_class} of a class: no temperature{' and no input gate' if config.gate else ''} "
             "will be fitted on so few, and the card says its figures rest on them (add films or raise --val-fraction)")
     say(f"  {sum(class_counts(datamodule.split.train))} training films, {sum(val_counts.values())} validation "
         f"films ({', '.join(f'{k} {v}' for k, v in val_counts.items())})")
@@ -117,6 +117,8 @@ def train(config: TrainConfig, *, quiet: bool = False, report: Callable[[str], N
                                           lr_factor=config.finetune_lr_factor))
     with _quiet_lightning():  # its hardware lines and tips print when the Trainer is built
         trainer = _trainer(config, callbacks, out, show_progress)
+    if trainer.world_size > 1 and trainer.is_global_zero:
+        say(f"  {trainer.world_size} processes ({config.strategy}) on {config.accelerator}")
     started = time.perf_counter()
     with _interruptible(trainer, last_ckpt), _quiet_lightning():
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last_ckpt) if config.resume else None)
