@@ -66,8 +66,9 @@ def film(path: Path, *, seed: int = 3, age: str = "003Y", view: str = "AP", sop_
 class Orthanc:
     """Orthanc on free loopback ports with its own storage; knows the node as modality PNEUMOSCAN."""
 
-    def __init__(self, root: Path, node_port: int, *, lua: Path | None = None) -> None:
-        self.http, self.dicom = _free_port(), _free_port()
+    def __init__(self, root: Path, node_port: int, *, lua: Path | None = None,
+                 ports: tuple[int, int] | None = None) -> None:
+        self.http, self.dicom = ports or (_free_port(), _free_port())
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         config = {
@@ -170,7 +171,8 @@ def test_storescu_to_the_node_then_sr_and_heatmap_in_orthanc(exported_bundle: Pa
 
     source = film(tmp_path / "film.dcm")
     study = dcmread(source).StudyInstanceUID
-    node = start_node(exported_bundle, tmp_path / "node", node_port, orthanc)
+    metrics_port = _free_port()
+    node = start_node(exported_bundle, tmp_path / "node", node_port, orthanc, "--metrics-port", str(metrics_port))
     try:
         echo = subprocess.run(["echoscu", "-aet", "STORESCU", "-aec", "PNEUMOSCAN", "127.0.0.1", str(node_port)],
                               capture_output=True, text=True, timeout=30)
@@ -179,8 +181,15 @@ def test_storescu_to_the_node_then_sr_and_heatmap_in_orthanc(exported_bundle: Pa
                                str(source)], capture_output=True, text=True, timeout=60)
         assert sent.returncode == 0, sent.stderr
         results = _study_instances(orthanc, study, want=2)
+        time.sleep(1)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            metrics = r.read().decode()
     finally:
         log = stop_node(node)
+    for line in ('pneumoscan_dicom_events_total{event="received"} 1.0', 'pneumoscan_dicom_events_total{event="analysed"} 1.0',
+                 'pneumoscan_dicom_events_total{event="delivered"} 2.0', 'pneumoscan_dicom_pending{where="outbox"} 0.0'):
+        assert line in metrics, metrics
+    assert "PID-98765" not in metrics
     by_modality = {r["Modality"]: r for r in results}
     assert set(by_modality) == {"SR", "OT"}  # a Secondary Capture's modality is OT ("other")
     for result in results:
@@ -238,3 +247,72 @@ def test_orthanc_routes_a_stored_film_to_the_node_by_the_documented_lua_script(e
         pacs.stop()
     assert sorted(r["Modality"] for r in results) == ["DX", "OT", "SR"], log[-2000:]
     assert seconds < 60
+
+
+def _sr_codes(pacs: Orthanc, instance: dict, tmp_path: Path) -> list[str]:
+    from pydicom import dcmread
+
+    path = tmp_path / f"{instance['id']}.dcm"
+    path.write_bytes(pacs.get_bytes(f"/instances/{instance['id']}/file"))
+    # codes over 16 characters are Long Code Values
+    return [item.ConceptCodeSequence[0].get("CodeValue") or item.ConceptCodeSequence[0].get("LongCodeValue")
+            for item in _content_items(dcmread(path)) if "ConceptCodeSequence" in item]
+
+
+def test_films_outside_the_population_or_the_sop_classes_get_a_clear_outcome(exported_bundle: Path, tmp_path: Path,
+                                                                           orthanc: Orthanc, node_port: int) -> None:
+    """An adult's film: an SR that says why it was not analysed. A CT slice: refused at
+    negotiation, so the sender knows it was not taken. Neither stops the node."""
+    _need("storescu")
+    from pydicom import dcmread
+
+    adult = film(tmp_path / "adult.dcm", age="045Y")
+    ct = film(tmp_path / "ct.dcm", sop_class="1.2.840.10008.5.1.4.1.1.2", modality="CT")
+    child = film(tmp_path / "child.dcm", seed=9)
+    node = start_node(exported_bundle, tmp_path / "node", node_port, orthanc)
+    try:
+        sent = [subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "PNEUMOSCAN", "127.0.0.1", str(node_port),
+                                str(path)], capture_output=True, text=True, timeout=60) for path in (adult, ct, child)]
+        (adult_sr,) = _study_instances(orthanc, dcmread(adult).StudyInstanceUID, want=1)
+        _study_instances(orthanc, dcmread(child).StudyInstanceUID, want=2)  # the node carried on
+    finally:
+        log = stop_node(node)
+    assert sent[0].returncode == 0 and sent[2].returncode == 0
+    assert sent[1].returncode != 0 or "no presentation context" in (sent[1].stdout + sent[1].stderr).lower()
+    assert adult_sr["Modality"] == "SR"
+    codes = _sr_codes(orthanc, adult_sr, tmp_path)
+    assert "age_outside_training_population" in codes and "P-PNEUMONIA" not in codes
+    assert "rejected: age_outside_training_population" in log
+
+
+def test_results_wait_while_the_pacs_is_down_and_arrive_once_when_it_is_back(exported_bundle: Path, tmp_path: Path,
+                                                                            node_port: int) -> None:
+    _need("Orthanc", "storescu")
+    from pydicom import dcmread
+
+    pacs = Orthanc(tmp_path / "orthanc", node_port)
+    node = start_node(exported_bundle, tmp_path / "node", node_port, pacs)
+    try:
+        pacs.stop()  # the destination goes away before the film arrives
+        source = film(tmp_path / "film.dcm", seed=11)
+        sent = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "PNEUMOSCAN", "127.0.0.1", str(node_port),
+                               str(source)], capture_output=True, text=True, timeout=60)
+        assert sent.returncode == 0  # acknowledged: the film is the node's responsibility now
+        outbox = tmp_path / "node" / "outbox"
+        deadline = time.monotonic() + 60
+        while len(list(outbox.glob("*.dcm"))) < 2:
+            assert time.monotonic() < deadline, "the results never reached the outbox"
+            time.sleep(0.3)
+        os.killpg(node.pid, signal.SIGKILL)  # and the node dies with them undelivered
+        node.wait(timeout=30)
+        pacs = Orthanc(tmp_path / "orthanc", node_port, ports=(pacs.http, pacs.dicom))  # back, same storage
+        node = start_node(exported_bundle, tmp_path / "node", node_port, pacs)
+        results = _study_instances(pacs, dcmread(source).StudyInstanceUID, want=2)
+        time.sleep(3)  # any duplicate would have arrived by now
+        again = [i for i in (pacs.get(f"/instances/{i}/simplified-tags") for i in pacs.get("/instances"))
+                 if i.get("StudyInstanceUID") == dcmread(source).StudyInstanceUID]
+    finally:
+        log = stop_node(node)
+        pacs.stop()
+    assert sorted(r["Modality"] for r in results) == ["OT", "SR"] and len(again) == 2
+    assert not list(outbox.glob("*.dcm")) and "delivered SR" in log

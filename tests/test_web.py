@@ -230,7 +230,7 @@ def test_coinciding_operating_points_are_offered_once() -> None:
     from pneumoscan.web.views import point_choices
 
     points = {"balanced": 0.743, "high_sensitivity": 0.453, "high_specificity": 0.743}
-    assert point_choices(points, "balanced") == [("balanced", "balanced / high specificity", 0.743),
+    assert point_choices(points, "balanced") == [("balanced", "balanced = high specificity", 0.743),
                                                   ("high_sensitivity", "high sensitivity", 0.453)]
     assert len(point_choices({"balanced": 0.265, "high_sensitivity": 0.265, "high_specificity": 0.265}, "balanced")) == 1
 
@@ -251,7 +251,7 @@ def test_the_selectors_disappear_when_every_point_coincides(tiny_bundle: Path, t
     assert 'id="operating_point"' not in page and 'class="card-operating-point"' not in page
     assert "P(pneumonia)" in page
     model_page = client.get("/model").get_data(as_text=True)
-    assert "balanced / high sensitivity / high specificity" in model_page
+    assert "balanced = high sensitivity = high specificity" in model_page
 
 
 def test_workers_share_the_model_only_when_forking_is_safe(exported_bundle: Path, tiny_bundle: Path) -> None:

@@ -27,6 +27,8 @@ def dicom_node(
     ae_title: Annotated[str, typer.Option("--ae-title", help="This node's AE title.")] = "PNEUMOSCAN",
     spool_max_mb: Annotated[int, typer.Option(min=16, help="Largest spool; beyond it C-STORE answers out-of-resources.")] = 2048,
     max_associations: Annotated[int, typer.Option(min=1, help="Associations served at once.")] = 8,
+    metrics_port: Annotated[Optional[int], typer.Option(
+        min=1, max=65535, help="Serve Prometheus counters on 127.0.0.1:PORT/metrics (off by default).")] = None,
     backend: BackendOption = "auto",
 ) -> None:
     """Receive CR/DX films (C-STORE), analyse each as the API does, and store a Structured Report
@@ -46,6 +48,8 @@ def dicom_node(
                 peers=peers, spool_dir=spool, store=target, stow_url=stow,
                 spool_max_bytes=spool_max_mb << 20, max_associations=max_associations)
     node.start()
+    if metrics_port is not None:
+        node.serve_metrics(metrics_port)
     _echo(f"DICOM node {ae_title} listening on {host}:{node.port}; results to "
           f"{' and '.join(filter(None, [send, stow]))}; Ctrl+C stops it (the spool and outbox are kept)")
     stopped = threading.Event()

@@ -43,10 +43,28 @@ class Node:
         self._films: queue.Queue[Path | None] = queue.Queue()
         self._analyser = threading.Thread(target=self._analyse_forever, name="pneumoscan-analyser", daemon=True)
         self._server = None
+        self._metrics = None
 
     def count(self, name: str, n: int = 1) -> None:
         with self._lock:
             self.counts[name] += n
+        if self._metrics is not None:
+            self._metrics.labels(name).inc(n)
+
+    def serve_metrics(self, port: int, host: str = "127.0.0.1") -> None:
+        """Prometheus counters on ``host:port``/metrics: films received, analysed, refused,
+        unreadable, results delivered and retried, associations refused; and what is pending."""
+        from prometheus_client import CollectorRegistry, Counter as Counted, Gauge, start_http_server
+
+        registry = CollectorRegistry()
+        self._metrics = Counted("pneumoscan_dicom_events", "DICOM node events, by kind.", ["event"], registry=registry)
+        pending = Gauge("pneumoscan_dicom_pending", "Films in the spool and results in the outbox.", ["where"],
+                        registry=registry)
+        pending.labels("spool").set_function(lambda: len(self.spool.films()))
+        pending.labels("outbox").set_function(lambda: len(self.outbox.pending()))
+        for name, value in self.counts.items():
+            self._metrics.labels(name).inc(value)
+        start_http_server(port, addr=host, registry=registry)
 
     def start(self) -> None:
         for film in self.spool.films():  # left by a crash: acknowledged, so they must be finished

@@ -127,7 +127,7 @@ def run_gunicorn(*, model_dir: Path | None, host: str, port: int, workers: int |
         # write: connections that send nothing, or trickle their headers, cannot take the threads
         "worker_class": "pneumoscan.web.worker.IdleSafeThreadWorker",
         "keepalive": IDLE_TIMEOUT, "worker_connections": connection_limit(),
-        "timeout": timeout, "accesslog": "-", "access_log_format": ACCESS_LOG_FORMAT,
+        "timeout": timeout, "graceful_timeout": 20, "accesslog": "-", "access_log_format": ACCESS_LOG_FORMAT,
         "preload_app": shared, "post_fork": _worker_started,
     }
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

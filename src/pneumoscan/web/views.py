@@ -23,7 +23,8 @@ def point_choices(points: dict[str, float], default: str) -> list[tuple[str, str
     groups: dict[float, list[str]] = {}
     for name, value in points.items():
         groups.setdefault(round(value, 6), []).append(name)
-    return [(default if default in names else names[0], " / ".join(n.replace("_", " ") for n in names), value)
+    # "balanced = high specificity": one threshold that is both points, not a choice between them
+    return [(default if default in names else names[0], " = ".join(n.replace("_", " ") for n in names), value)
             for value, names in groups.items()]
 
 

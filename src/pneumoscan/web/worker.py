@@ -142,6 +142,13 @@ class IdleSafeThreadWorker(ThreadWorker):
         self.pending_conns.append(conn)
         self.poller.register(sock, selectors.EVENT_READ, partial(self._read_head, conn, self.pending_conns))
 
+    def _cap_keepalive(self, deadline: float) -> None:
+        # Stopping: connections still waiting for a request head go as soon as kept-alive ones
+        # do, rather than holding the worker (and the master's shutdown) for IDLE_TIMEOUT.
+        super()._cap_keepalive(deadline)
+        for conn in self.pending_conns:
+            conn.timeout = min(conn.timeout, deadline)
+
     def on_client_socket_readable(self, conn: TConn, client: socket.socket) -> None:
         self._read_head(conn, self.keepalived_conns, client)  # a kept-alive connection's next request
 
