@@ -316,3 +316,33 @@ def test_results_wait_while_the_pacs_is_down_and_arrive_once_when_it_is_back(exp
         pacs.stop()
     assert sorted(r["Modality"] for r in results) == ["OT", "SR"] and len(again) == 2
     assert not list(outbox.glob("*.dcm")) and "delivered SR" in log
+
+
+def test_a_full_spool_answers_out_of_resources_and_keeps_nothing_half_taken(exported_bundle: Path, tmp_path: Path,
+                                                                           orthanc: Orthanc, node_port: int) -> None:
+    """Past --spool-max-mb the C-STORE answers A700 (out of resources): the sender keeps the film
+    and may retry; nothing of it stays in the spool, and smaller films are still taken."""
+    _need("storescu")
+    from pydicom import dcmread
+
+    big = film(tmp_path / "big.dcm", seed=13)
+    ds = dcmread(big)
+    ds.Rows = ds.Columns = 4200  # 17.6 MB of pixels: more than the 16 MB spool below
+    ds.PixelData = np.zeros((4200, 4200), dtype=np.uint8).tobytes()
+    ds.save_as(big, enforce_file_format=True)
+    small = film(tmp_path / "small.dcm", seed=14)
+    node = start_node(exported_bundle, tmp_path / "node", node_port, orthanc, "--spool-max-mb", "16")
+    try:
+        refused = subprocess.run(["storescu", "-v", "-aet", "STORESCU", "-aec", "PNEUMOSCAN", "127.0.0.1", str(node_port),
+                                  str(big)], capture_output=True, text=True, timeout=120)
+        taken = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "PNEUMOSCAN", "127.0.0.1", str(node_port),
+                                str(small)], capture_output=True, text=True, timeout=60)
+        _study_instances(orthanc, dcmread(small).StudyInstanceUID, want=2)
+    finally:
+        log = stop_node(node)
+    said = (refused.stdout + refused.stderr).lower()
+    assert "received store response (refused: outofresources)" in said, said[-2000:]
+    assert taken.returncode == 0
+    assert "the spool is full (out of resources; the sender keeps it)" in log
+    spool = tmp_path / "node" / "spool"
+    assert not list(spool.glob("*.dcm")) and not list((spool / "incoming").iterdir())
