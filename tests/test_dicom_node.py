@@ -20,6 +20,7 @@ import pytest
 
 from conftest import make_xray
 
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 TOOLS = {"Orthanc": "orthanc", "storescu": "dcmtk", "echoscu": "dcmtk", "dciodvfy": "dicom3tools"}
 
 
@@ -67,7 +68,7 @@ class Orthanc:
     """Orthanc on free loopback ports with its own storage; knows the node as modality PNEUMOSCAN."""
 
     def __init__(self, root: Path, node_port: int, *, lua: Path | None = None,
-                 ports: tuple[int, int] | None = None) -> None:
+                 ports: tuple[int, int] | None = None, dicomweb: bool = False) -> None:
         self.http, self.dicom = ports or (_free_port(), _free_port())
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
@@ -79,6 +80,9 @@ class Orthanc:
             "DicomCheckCalledAet": False, "Plugins": [], "StableAge": 1,
             "LuaScripts": [str(lua)] if lua else [],
         }
+        if dicomweb:
+            config["Plugins"] = [DICOMWEB_PLUGIN]
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
         (root / "orthanc.json").write_text(json.dumps(config))
         self.process = subprocess.Popen(["Orthanc", str(root / "orthanc.json")], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, start_new_session=True)
@@ -122,11 +126,13 @@ def orthanc(tmp_path: Path, node_port: int):
     pacs.stop()
 
 
-def start_node(bundle: Path, spool: Path, port: int, pacs: Orthanc, *extra: str) -> subprocess.Popen:
+def start_node(bundle: Path, spool: Path, port: int, pacs: Orthanc, *extra: str, stow: bool = False) -> subprocess.Popen:
+    destination = (["--stow", f"http://127.0.0.1:{pacs.http}/dicom-web"] if stow
+                   else ["--send", f"ORTHANC@127.0.0.1:{pacs.dicom}"])
     node = subprocess.Popen(
         [sys.executable, "-m", "pneumoscan", "dicom-node", "--model", str(bundle), "--port", str(port),
          "--host", "127.0.0.1", "--allow", "STORESCU@127.0.0.1", "--allow", "ORTHANC@127.0.0.1",
-         "--send", f"ORTHANC@127.0.0.1:{pacs.dicom}", "--spool", str(spool), *extra],
+         *destination, "--spool", str(spool), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + 60
     while True:
@@ -346,3 +352,22 @@ def test_a_full_spool_answers_out_of_resources_and_keeps_nothing_half_taken(expo
     assert "the spool is full (out of resources; the sender keeps it)" in log
     spool = tmp_path / "node" / "spool"
     assert not list(spool.glob("*.dcm")) and not list((spool / "incoming").iterdir())
+
+
+def test_results_can_go_by_stow_rs_to_orthancs_dicomweb(exported_bundle: Path, tmp_path: Path, node_port: int) -> None:
+    _need("Orthanc", "storescu")
+    if not Path(DICOMWEB_PLUGIN).is_file():
+        pytest.skip("needs orthanc-dicomweb (apt-get install -y orthanc-dicomweb)")
+    from pydicom import dcmread
+
+    pacs = Orthanc(tmp_path / "orthanc", node_port, dicomweb=True)
+    node = start_node(exported_bundle, tmp_path / "node", node_port, pacs, stow=True)
+    try:
+        source = film(tmp_path / "film.dcm", seed=15)
+        sent = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "PNEUMOSCAN", "127.0.0.1", str(node_port),
+                               str(source)], capture_output=True, text=True, timeout=60)
+        results = _study_instances(pacs, dcmread(source).StudyInstanceUID, want=2)
+    finally:
+        log = stop_node(node)
+        pacs.stop()
+    assert sent.returncode == 0 and sorted(r["Modality"] for r in results) == ["OT", "SR"], log[-2000:]
