@@ -260,9 +260,9 @@ def _sr_codes(pacs: Orthanc, instance: dict, tmp_path: Path) -> list[str]:
 
     path = tmp_path / f"{instance['id']}.dcm"
     path.write_bytes(pacs.get_bytes(f"/instances/{instance['id']}/file"))
-    # codes over 16 characters are Long Code Values
-    return [item.ConceptCodeSequence[0].get("CodeValue") or item.ConceptCodeSequence[0].get("LongCodeValue")
-            for item in _content_items(dcmread(path)) if "ConceptCodeSequence" in item]
+    # concept names and coded values; codes over 16 characters are Long Code Values
+    return [code[0].get("CodeValue") or code[0].get("LongCodeValue") for item in _content_items(dcmread(path))
+            for code in (item.get("ConceptNameCodeSequence"), item.get("ConceptCodeSequence")) if code]
 
 
 def test_films_outside_the_population_or_the_sop_classes_get_a_clear_outcome(exported_bundle: Path, tmp_path: Path,
@@ -371,3 +371,30 @@ def test_results_can_go_by_stow_rs_to_orthancs_dicomweb(exported_bundle: Path, t
         log = stop_node(node)
         pacs.stop()
     assert sent.returncode == 0 and sorted(r["Modality"] for r in results) == ["OT", "SR"], log[-2000:]
+
+
+def test_a_lateral_and_a_corrupt_film_each_get_an_sr_saying_why(exported_bundle: Path, tmp_path: Path,
+                                                                orthanc: Orthanc, node_port: int) -> None:
+    _need("storescu")
+    from pydicom import dcmread
+
+    lateral = film(tmp_path / "lateral.dcm", view="LL", seed=16)
+    corrupt = film(tmp_path / "corrupt.dcm", seed=17)
+    ds = dcmread(corrupt)
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]  # truncated pixel data, headers intact
+    ds.save_as(corrupt, enforce_file_format=True)
+    node = start_node(exported_bundle, tmp_path / "node", node_port, orthanc)
+    try:
+        for path in (lateral, corrupt):
+            assert subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "PNEUMOSCAN", "127.0.0.1", str(node_port),
+                                   str(path)], capture_output=True, timeout=60).returncode == 0
+        (lateral_sr,) = _study_instances(orthanc, dcmread(lateral).StudyInstanceUID, want=1)
+        (corrupt_sr,) = _study_instances(orthanc, dcmread(corrupt).StudyInstanceUID, want=1)
+        assert node.poll() is None  # still serving
+    finally:
+        log = stop_node(node)
+    lateral_codes = _sr_codes(orthanc, lateral_sr, tmp_path)
+    assert "lateral_view" in lateral_codes and "NOT-ANALYSED" in lateral_codes and "P-PNEUMONIA" not in lateral_codes
+    corrupt_codes = _sr_codes(orthanc, corrupt_sr, tmp_path)
+    assert corrupt_sr["Modality"] == "SR" and "NOT-ANALYSED" in corrupt_codes and "P-PNEUMONIA" not in corrupt_codes
+    assert "Traceback" not in log
