@@ -14,7 +14,6 @@ import logging
 import os
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,4 +138,3 @@ class Deliverer:
                                           f"{'no status' if code is None else hex(code)}")
         finally:
             assoc.release()
-        time.sleep(0)  # let the association thread finish

@@ -103,16 +103,12 @@ class Node:
                 self.count("failed")
 
     def _analyse(self, film: Path) -> None:
-        import pydicom
-
-        data = film.read_bytes()
-        header, analysis = analyse(self.predictor, data)
-        if header is None or "SOPInstanceUID" not in header:
+        source, analysis = analyse(self.predictor, film.read_bytes())  # its header, read once
+        if source is None or "SOPInstanceUID" not in source:
             log.warning("film %s is not a readable DICOM data set; dropped", film.name)
             self.count("unreadable")
             film.unlink(missing_ok=True)
             return
-        source = pydicom.dcmread(film, stop_before_pixels=True)
         spec = self.predictor.spec
         results = [structured_report(source, analysis, model_name=spec.name, digest=self.predictor.digest)]
         capture = heatmap_capture(source, analysis, digest=self.predictor.digest)

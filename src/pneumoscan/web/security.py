@@ -93,6 +93,7 @@ def install_security(app: Flask, csrf: CSRFProtect) -> None:
     csrf.init_app(app)
 
     failures = _FailureLimit(str(app.config["AUTH_FAILURE_LIMIT"]))
+    fingerprints = [fingerprint(key) for key in keys]  # once, not per request
 
     @app.before_request
     def refuse_keys_in_urls() -> None:
@@ -112,8 +113,8 @@ def install_security(app: Flask, csrf: CSRFProtect) -> None:
                     failures.hit()
                 raise Unauthorized("a valid API key is required: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
         else:
-            index = next((i for i, key in enumerate(keys)
-                          if hmac.compare_digest(session.get("key", ""), fingerprint(key))), None)
+            index = next((i for i, known in enumerate(fingerprints)
+                          if hmac.compare_digest(session.get("key", ""), known)), None)
             if index is None:
                 if request.method == "GET":
                     return redirect(url_for("views.login"))
@@ -135,7 +136,7 @@ def install_security(app: Flask, csrf: CSRFProtect) -> None:
             failures.hit()
             return False
         session.clear()
-        session["key"] = fingerprint(keys[index])
+        session["key"] = fingerprints[index]
         return True
 
     app.extensions["pneumoscan_sign_in"] = sign_in
