@@ -105,8 +105,9 @@ def multiframe_dicom(side: int = 8000, frames: int = 8) -> bytes:
     return buffer.getvalue()
 
 
-def _dicom_dataset(rows: int, columns: int, bits: int, syntax) -> "object":
-    """A DX data set header (no pixel data) for the generators below."""
+def _dicom_dataset(rows: int, columns: int, bits: int, syntax, extra: dict | None = None) -> "object":
+    """A DX data set header (no pixel data) for the generators below; ``extra``: more attributes
+    by keyword (a study and patient, say, to send it to a DICOM node)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import DigitalXRayImageStorageForPresentation, generate_uid
 
@@ -122,6 +123,8 @@ def _dicom_dataset(rows: int, columns: int, bits: int, syntax) -> "object":
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    for keyword, value in (extra or {}).items():
+        setattr(ds, keyword, value)
     return ds
 
 
@@ -131,7 +134,7 @@ def _saved(ds) -> bytes:
     return buffer.getvalue()
 
 
-def dicom_frame_claiming(side: int = 30000, codec: str = "jpeg") -> bytes:
+def dicom_frame_claiming(side: int = 30000, codec: str = "jpeg", extra: dict | None = None) -> bytes:
     """A 64 x 64 DICOM whose one compressed frame declares ``side`` x ``side`` in its own SOF
     (``codec`` "jpeg": baseline, 8 bit; "jpegls": JPEG-LS lossless, 16 bit, needs pyjpegls).
 
@@ -155,7 +158,7 @@ def dicom_frame_claiming(side: int = 30000, codec: str = "jpeg") -> bytes:
         frame, syntax, bits = bytearray(buffer.getvalue()), JPEGBaseline8Bit, 8
         sof = frame.index(b"\xff\xc0")
     frame[sof + 5:sof + 9] = struct.pack(">HH", side, side)
-    ds = _dicom_dataset(64, 64, bits, syntax)
+    ds = _dicom_dataset(64, 64, bits, syntax, extra)
     ds.PixelData = encapsulate([bytes(frame)])
     ds["PixelData"].VR = "OB"
     return _saved(ds)
@@ -176,14 +179,14 @@ def rle_dicom_overflowing(megabytes: int = 256) -> bytes:
     return _saved(ds)
 
 
-def deflated_dicom(side: int = 10000, bits: int = 8) -> bytes:
+def deflated_dicom(side: int = 10000, bits: int = 8, extra: dict | None = None) -> bytes:
     """A Deflated Explicit VR Little Endian DICOM of ``side`` x ``side`` zero samples (a faint ramp
     in the first row), built as a stream: nothing of full size is held in memory."""
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset, write_file_meta_info
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-    ds = _dicom_dataset(side, side, bits, DeflatedExplicitVRLittleEndian)
+    ds = _dicom_dataset(side, side, bits, DeflatedExplicitVRLittleEndian, extra)
     body = DicomBytesIO()
     body.is_little_endian, body.is_implicit_VR = True, False
     write_dataset(body, ds)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import make_xray
+from hostile_inputs import _bench_bombs
 
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 TOOLS = {"Orthanc": "orthanc", "storescu": "dcmtk", "echoscu": "dcmtk", "dciodvfy": "dicom3tools"}
@@ -398,3 +399,166 @@ def test_a_lateral_and_a_corrupt_film_each_get_an_sr_saying_why(exported_bundle:
     corrupt_codes = _sr_codes(orthanc, corrupt_sr, tmp_path)
     assert corrupt_sr["Modality"] == "SR" and "NOT-ANALYSED" in corrupt_codes and "P-PNEUMONIA" not in corrupt_codes
     assert "Traceback" not in log
+
+
+def _storescu(port: int, *paths: Path, options: tuple[str, ...] = (), timeout: float = 120) -> subprocess.CompletedProcess:
+    """storescu; ``options`` to propose a compressed transfer syntax (-xy JPEG, -xd Deflated),
+    which it does not by default (it would try to decompress the film instead)."""
+    return subprocess.run(["storescu", *options, "-aet", "STORESCU", "-aec", "PNEUMOSCAN", "127.0.0.1", str(port),
+                           *map(str, paths)], capture_output=True, text=True, timeout=timeout)
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """The node's own peak resident memory (VmHWM), MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc status")
+
+
+def test_decoding_bombs_get_an_sr_saying_why_at_bounded_memory(exported_bundle: Path, tmp_path: Path,
+                                                               orthanc: Orthanc, node_port: int) -> None:
+    """A 2.5 kB JPEG DICOM whose frame claims 30000x30000 pixels and a 0.9 MB Deflated DICOM that
+    inflates to 900 MB: each is acknowledged (it is a valid film to store), answered by an SR that
+    says why it was not analysed, and costs the node a bounded amount of memory."""
+    _need("storescu")
+    from pydicom.uid import generate_uid
+
+    bombs = _bench_bombs()
+    studies = {kind: generate_uid() for kind in ("jpeg", "deflate")}
+
+    def header(kind: str) -> dict:
+        return {"StudyInstanceUID": studies[kind], "SeriesInstanceUID": generate_uid(), "PatientName": "Doe^Jane",
+                "PatientID": "PID-98765", "PatientAge": "003Y", "StudyDate": "20230101", "ViewPosition": "AP",
+                "BodyPartExamined": "CHEST", "SeriesNumber": 1, "InstanceNumber": 1}
+
+    jpeg = tmp_path / "jpeg-claims-30000.dcm"
+    jpeg.write_bytes(bombs.dicom_frame_claiming(30000, "jpeg", header("jpeg")))
+    deflate = tmp_path / "deflate-900mb.dcm"
+    deflate.write_bytes(bombs.deflated_dicom(30000, 8, header("deflate")))
+    assert jpeg.stat().st_size < 4096 and deflate.stat().st_size < 1_000_000
+    node = start_node(exported_bundle, tmp_path / "node", node_port, orthanc)
+    try:
+        warm = _storescu(node_port, jpeg, options=("-xy",))
+        assert warm.returncode == 0, warm.stderr  # warm: the first film loads what analysis needs
+        (jpeg_sr,) = _study_instances(orthanc, studies["jpeg"], want=1)
+        before = _peak_rss_mb(node.pid)
+        sent = _storescu(node_port, deflate, options=("-xd",))
+        (deflate_sr,) = _study_instances(orthanc, studies["deflate"], want=1)
+        grown = _peak_rss_mb(node.pid) - before
+        assert node.poll() is None
+    finally:
+        log = stop_node(node)
+    assert sent.returncode == 0, sent.stderr
+    jpeg_codes, deflate_codes = _sr_codes(orthanc, jpeg_sr, tmp_path), _sr_codes(orthanc, deflate_sr, tmp_path)
+    assert "dicom_frame_mismatch" in jpeg_codes and "P-PNEUMONIA" not in jpeg_codes
+    assert "decode_budget_exceeded" in deflate_codes and "P-PNEUMONIA" not in deflate_codes
+    # the inflation budget (80 MB) and a copy, not the 900 MB the data set inflates to
+    assert grown < 300, f"the node's peak memory grew {grown:.0f} MB for one deflate bomb"
+    assert "error: dicom_frame_mismatch" in log and "error: decode_budget_exceeded" in log
+    assert "Traceback" not in log
+
+
+def test_a_data_set_past_the_size_limit_is_aborted_while_it_arrives(exported_bundle: Path, tmp_path: Path,
+                                                                    orthanc: Orthanc, node_port: int) -> None:
+    """A 90 MB film (the limit is 80 MB) is cut off by an A-ABORT as it arrives: not acknowledged,
+    nothing of it left on disk; the next film is taken as usual."""
+    _need("storescu")
+    from pydicom import dcmread
+
+    big = film(tmp_path / "big.dcm", seed=18)
+    ds = dcmread(big)
+    ds.Rows = ds.Columns = 9500  # 90 MB of 8-bit pixels
+    ds.PixelData = np.zeros((9500, 9500), dtype=np.uint8).tobytes()
+    ds.save_as(big, enforce_file_format=True)
+    del ds
+    small = film(tmp_path / "small.dcm", seed=19)
+    node = start_node(exported_bundle, tmp_path / "node", node_port, orthanc)
+    try:
+        refused = _storescu(node_port, big)
+        taken = _storescu(node_port, small)
+        _study_instances(orthanc, dcmread(small).StudyInstanceUID, want=2)
+        spool = tmp_path / "node" / "spool"
+        leftovers = list(spool.glob("*.dcm")) + list((spool / "incoming").iterdir())
+    finally:
+        log = stop_node(node)
+    said = (refused.stdout + refused.stderr).lower()
+    assert refused.returncode != 0 and "abort" in said, said[-2000:]
+    assert taken.returncode == 0
+    assert "aborted: a data set past 80 MB, the limit" in log
+    assert not leftovers
+    assert "Traceback" not in log
+
+
+def test_a_film_the_gate_refuses_gets_an_sr_with_the_gates_reason(tmp_path: Path, orthanc: Orthanc,
+                                                                   node_port: int) -> None:
+    """The bundled (gated) model: a greyscale image that is no chest film (noise) is refused by
+    the input gate, and the SR says so in the API's reason name."""
+    _need("storescu")
+    from pydicom import dcmread
+
+    from pneumoscan.integrity import default_bundle_path
+
+    noise = film(tmp_path / "noise.dcm", seed=20)
+    ds = dcmread(noise)
+    ds.PixelData = np.random.default_rng(3).integers(0, 255, (ds.Rows, ds.Columns), dtype=np.uint8).tobytes()
+    ds.save_as(noise, enforce_file_format=True)
+    node = start_node(default_bundle_path(), tmp_path / "node", node_port, orthanc)
+    try:
+        assert _storescu(node_port, noise).returncode == 0
+        (sr,) = _study_instances(orthanc, dcmread(noise).StudyInstanceUID, want=1)
+    finally:
+        log = stop_node(node)
+    codes = _sr_codes(orthanc, sr, tmp_path)
+    assert "out_of_distribution" in codes and "NOT-ANALYSED" in codes and "P-PNEUMONIA" not in codes
+    assert "rejected: out_of_distribution" in log
+
+
+def test_twenty_associations_at_once_every_acknowledged_film_is_answered(exported_bundle: Path, tmp_path: Path,
+                                                                          orthanc: Orthanc, node_port: int) -> None:
+    """20 modalities at once against --max-associations 4: each film is either acknowledged (and
+    then answered by an SR in its study) or its association is rejected as transient (the sender
+    keeps it and retries); none is acknowledged and lost; the node keeps serving."""
+    _need("storescu")
+    from pydicom import dcmread
+
+    films = [film(tmp_path / f"film-{i}.dcm", seed=100 + i) for i in range(20)]
+    node = start_node(exported_bundle, tmp_path / "node", node_port, orthanc, "--max-associations", "4")
+    try:
+        senders = [subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", "PNEUMOSCAN", "127.0.0.1",
+                                     str(node_port), str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True) for path in films]
+        said = [sender.communicate(timeout=120)[0] for sender in senders]
+        taken = [path for path, sender in zip(films, senders) if sender.returncode == 0]
+        for path in taken:
+            _study_instances(orthanc, dcmread(path).StudyInstanceUID, want=2)
+        refused = [text for sender, text in zip(senders, said) if sender.returncode != 0]
+        after = _storescu(node_port, film(tmp_path / "after.dcm", seed=140))
+    finally:
+        log = stop_node(node)
+    assert taken, said
+    for text in refused:  # a refusal is the association's, transient: the sender may try again
+        assert "association rejected" in text.lower() and "transient" in text.lower(), text
+    assert after.returncode == 0
+    assert log.count("-> SR ") == len(taken) + 1
+    assert "Traceback" not in log
+
+
+@pytest.mark.parametrize(("options", "says"), [
+    (["--allow", "STORESCU@127.0.0.1"], "needs a destination for its results"),
+    (["--allow", "STORESCU@127.0.0.1", "--send", "ORTHANC"], "--send takes AET@HOST:PORT"),
+    (["--allow", "STORESCU@127.0.0.1", "--stow", "orthanc/dicom-web"], "--stow takes the http(s) URL"),
+    (["--allow", "STORESCU", "--send", "ORTHANC@127.0.0.1:4242"], "--allow takes AET@HOST"),
+    (["--allow", "STORESCU@127.0.0.1", "--send", "ORTHANC@127.0.0.1:4242", "--ae-title", "A" * 17],
+     "--ae-title must be 1-16 characters"),
+])
+def test_a_misconfigured_node_says_what_is_wrong_in_one_line(tmp_path: Path, options: list[str], says: str) -> None:
+    """Configuration mistakes end before the node listens: exit 2 and one line naming the option."""
+    pytest.importorskip("pynetdicom")
+    done = subprocess.run([sys.executable, "-m", "pneumoscan", "dicom-node", "--spool", str(tmp_path / "spool"),
+                           "--port", str(_free_port()), "--host", "127.0.0.1", *options],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], done.stderr
+    assert "listening" not in done.stdout

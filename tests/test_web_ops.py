@@ -247,7 +247,7 @@ def test_a_full_disk_fails_the_request_and_loses_no_record(tiny_bundle: Path, tm
 
 
 def test_a_torn_last_line_never_corrupts_the_next_record(tiny_bundle: Path, tmp_path: Path) -> None:
-    from pneumoscan.web.audit import AuditLog
+    from pneumoscan.audit import AuditLog
 
     path = tmp_path / "audit.jsonl"
     path.write_bytes(b'{"time": "2026-12-03T06:00:00", "request_id": "a", "sta')  # killed mid-write

@@ -29,6 +29,8 @@ def dicom_node(
     max_associations: Annotated[int, typer.Option(min=1, help="Associations served at once.")] = 8,
     metrics_port: Annotated[Optional[int], typer.Option(
         min=1, max=65535, help="Serve Prometheus counters on 127.0.0.1:PORT/metrics (off by default).")] = None,
+    audit_log: Annotated[Optional[Path], typer.Option(
+        "--audit-log", help="Append one JSON line per film (UIDs and the outcome, no patient identifiers).")] = None,
     backend: BackendOption = "auto",
 ) -> None:
     """Receive CR/DX films (C-STORE), analyse each as the API does, and store a Structured Report
@@ -46,7 +48,8 @@ def dicom_node(
         logging.getLogger(noisy).setLevel(logging.WARNING)
     node = Node(Predictor.from_bundle(model, backend=backend), ae_title=ae_title, port=port, host=host,
                 peers=peers, spool_dir=spool, store=target, stow_url=stow,
-                spool_max_bytes=spool_max_mb << 20, max_associations=max_associations)
+                spool_max_bytes=spool_max_mb << 20, max_associations=max_associations,
+                audit_log=audit_log)
     node.start()
     if metrics_port is not None:
         node.serve_metrics(metrics_port)

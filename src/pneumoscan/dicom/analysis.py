@@ -9,14 +9,14 @@ analysed; the reason has a machine-readable name, like the gate's.
 
 from __future__ import annotations
 
-import io
 import re
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 
+from pneumoscan.dicom.pixels import read_header
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.imaging import decode_image
 from pneumoscan.inference import Predictor, Result
@@ -89,9 +89,9 @@ def population_reasons(ds: Dataset) -> list[str]:
 def analyse(predictor: Predictor, data: bytes, *, explain: bool = True) -> tuple[Dataset | None, Analysis]:
     """The film's header (None if unreadable) and what the model says about it."""
     try:
-        header = dcmread(io.BytesIO(data), stop_before_pixels=True)
-    except Exception:  # pydicom raises many types; the message could quote the data set
-        return None, Analysis("error", error="the file is not a readable DICOM data set")
+        header = read_header(data, name="film")
+    except PneumoscanError as exc:
+        return None, Analysis("error", reasons=[exc.code], error=exc.code)
     refused = population_reasons(header)
     if refused:
         return header, Analysis("rejected", reasons=refused)

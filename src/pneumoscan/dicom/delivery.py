@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydicom import Dataset, dcmread
 
@@ -75,6 +76,10 @@ class Deliverer:
                  stow_url: str | None = None, count: Callable[[str, int], None] = lambda name, n=1: None) -> None:
         if store is None and stow_url is None:
             raise ConfigError("the node needs a destination for its results: --send AET@HOST:PORT and/or --stow URL")
+        if stow_url is not None:
+            parts = urlsplit(stow_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(f"--stow takes the http(s) URL of a DICOMweb service, got {stow_url!r}")
         self.outbox, self.calling_ae, self.store, self.stow_url, self.count = outbox, calling_ae, store, stow_url, count
         self.wake = threading.Event()
         self.stop = threading.Event()

@@ -15,7 +15,8 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from pneumoscan.dicom.analysis import analyse
+from pneumoscan.audit import AuditLog, AuditUnavailable
+from pneumoscan.dicom.analysis import Analysis, analyse
 from pneumoscan.dicom.delivery import Deliverer, Outbox, StoreTarget
 from pneumoscan.dicom.receiver import Peer, Spool, handlers, make_ae
 from pneumoscan.dicom.results import heatmap_capture, structured_report
@@ -24,14 +25,34 @@ from pneumoscan.inference import Predictor
 
 log = logging.getLogger(__name__)
 
+#: A film whose audit record could not be written is analysed again after this long.
+AUDIT_RETRY_SECONDS = 30.0
+
+
+def _audit_entry(film: Path, source, analysis: Analysis, results: list) -> dict:
+    """The audit record of one film, in the API's field names; UIDs, never patient identifiers."""
+    entry = {"image_sha256": film.stem, "status": analysis.status, "reasons": list(analysis.reasons),
+             "sop_instance_uid": str(source.SOPInstanceUID),
+             "result_sop_instance_uids": [str(d.SOPInstanceUID) for d in results]}
+    if analysis.status == "error":
+        entry["error"] = {"code": analysis.error or "unreadable"}
+    if analysis.result is not None:
+        result = analysis.result
+        entry.update(label=result.label, probability_pneumonia=round(result.probability, 6),
+                     threshold=round(result.threshold, 6), operating_point=result.operating_point,
+                     review_recommended=result.review_recommended, review_reasons=list(result.review_reasons))
+    return entry
+
 
 class Node:
     """The receiver, the analyser thread and the deliverer, sharing one spool and outbox."""
 
     def __init__(self, predictor: Predictor, *, ae_title: str, port: int, peers: list[Peer], spool_dir: Path,
                  store: StoreTarget | None = None, stow_url: str | None = None, host: str = "0.0.0.0",
-                 spool_max_bytes: int = 2 << 30, max_associations: int = 8) -> None:
+                 spool_max_bytes: int = 2 << 30, max_associations: int = 8,
+                 audit_log: Path | None = None) -> None:
         self.predictor = predictor
+        self.audit = AuditLog(audit_log) if audit_log is not None else None
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()
         self.spool = Spool(spool_dir / "spool", max_bytes=spool_max_bytes)
@@ -67,6 +88,8 @@ class Node:
         start_http_server(port, addr=host, registry=registry)
 
     def start(self) -> None:
+        if discarded := self.spool.discard_partial():
+            log.info("%d partly received data set(s) discarded (never acknowledged)", discarded)
         for film in self.spool.films():  # left by a crash: acknowledged, so they must be finished
             self._films.put(film)
         self._analyser.start()
@@ -94,6 +117,10 @@ class Node:
     def pending(self) -> dict[str, int]:
         return {"spool": len(self.spool.films()), "outbox": len(self.outbox.pending())}
 
+    def _model_block(self) -> dict[str, str]:
+        spec = self.predictor.spec
+        return {"name": spec.name, "weights_sha256": spec.weights_sha256}
+
     def _analyse_forever(self) -> None:
         while (film := self._films.get()) is not None:
             try:
@@ -114,6 +141,16 @@ class Node:
         capture = heatmap_capture(source, analysis, digest=self.predictor.digest)
         if capture is not None:
             results.append(capture)
+        if self.audit is not None:
+            try:
+                self.audit.record(request_id=f"dicom-{source.SOPInstanceUID}", model=self._model_block(),
+                                  results=[_audit_entry(film, source, analysis, results)])
+            except AuditUnavailable:
+                # As in the API: no answer leaves without its record. The film stays in the spool
+                # (acknowledged, so it must be finished) and is tried again later.
+                self.count("audit_failures")
+                threading.Timer(AUDIT_RETRY_SECONDS, self._films.put, args=(film,)).start()
+                return
         for dataset in results:
             self.outbox.put(dataset)
         film.unlink(missing_ok=True)  # its results are on disk: the film has done its job

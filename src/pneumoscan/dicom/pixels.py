@@ -27,6 +27,8 @@ from pneumoscan.imaging import MAX_DECODE_BYTES, MAX_PIXELS, refuse_over_budget,
 #: refused. The largest data set the decoding budget can use, plus room for its other elements
 #: (a 20 MB upload could otherwise inflate to ~20 GB: zlib reaches 1032:1).
 MAX_INFLATED_BYTES: int = MAX_DECODE_BYTES + 16_000_000
+#: What :func:`read_header` inflates of a Deflated data set to find the elements before its pixels.
+MAX_HEADER_BYTES: int = 8_000_000
 
 
 def decode_dicom(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -84,6 +86,37 @@ def decode_dicom(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXE
     image.info[DICOM_MODALITY_KEY] = str(dataset.get("Modality", "") or "").strip().upper()
     image.info[DICOM_VIEW_KEY] = str(dataset.get("ViewPosition", "") or "").strip().upper()
     return image
+
+
+def read_header(data: bytes, *, name: str = "image") -> Any:
+    """The data set up to its pixel data (the pixels are not read or decoded), within budget:
+    a Deflated data set is inflated only as far as :data:`MAX_HEADER_BYTES` (pydicom's own
+    ``stop_before_pixels`` inflates the whole data set first: a 2 KB file could cost gigabytes).
+
+    Raises:
+        InvalidImageError: not a readable DICOM data set (the message never quotes it).
+    """
+    import pydicom
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import _at_pixel_data, _read_file_meta_info, read_dataset, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    _quiet_pydicom()
+    unreadable = InvalidImageError(f"{name}: the file is not a readable DICOM data set", code="dicom_undecodable")
+    try:
+        stream = io.BytesIO(data)
+        read_preamble(stream, False)
+        meta = _read_file_meta_info(stream)
+        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        prefix = inflater.decompress(memoryview(data)[stream.tell():], MAX_HEADER_BYTES)
+        dataset = read_dataset(DicomBytesIO(prefix), is_implicit_VR=False, is_little_endian=True,
+                               stop_when=_at_pixel_data)
+    except Exception:  # pydicom and zlib raise many types; the message could quote the data set
+        raise unreadable from None
+    dataset.file_meta = meta
+    return dataset
 
 
 def _read_dicom(data: bytes, name: str) -> Any:

@@ -24,6 +24,7 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, Ex
                          JPEGExtended12Bit, JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEGLSNearLossless,
                          RLELossless)
 from pynetdicom import AE, _config, evt
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
                                   DigitalXRayImageStorageForProcessing, Verification)
 
@@ -71,6 +72,15 @@ class Spool:
             folder.mkdir(parents=True, exist_ok=True)
             folder.chmod(0o700)
 
+    def discard_partial(self) -> int:
+        """Remove what ``incoming/`` holds: data sets that were never acknowledged (a crash or an
+        abort in the middle of one). Called at start, before any association."""
+        removed = 0
+        for leftover in self.incoming.iterdir():
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
     def films(self) -> list[Path]:
         """Spooled films not yet analysed, oldest first."""
         return sorted(self.directory.glob("*.dcm"), key=lambda p: p.stat().st_mtime)
@@ -116,7 +126,8 @@ def make_ae(ae_title: str, peers: list[Peer], *, max_associations: int = 8, time
 
 def handlers(spool: Spool, peers: list[Peer], on_film: Callable[[Path, str], None],
              count: Callable[[str], None]) -> list:
-    """pynetdicom event handlers: the host check, C-ECHO, C-STORE into the spool."""
+    """pynetdicom event handlers: the host check, the size of each data set while it arrives,
+    C-ECHO, C-STORE into the spool, and what an aborted association leaves behind."""
     # Received data sets are written to a file as they arrive (memory stays bounded), in the
     # spool's own folder so that moving them in is a rename and nothing leaves the 0700 tree.
     _config.STORE_RECV_CHUNKED_DATASET = True
@@ -132,17 +143,47 @@ def handlers(spool: Spool, peers: list[Peer], on_film: Callable[[Path, str], Non
             event.assoc.is_rejected = True
             event.assoc.kill()
 
+    arriving: dict[int, int] = {}  # bytes of the data set now arriving, per association
+
+    def on_pdu(event) -> None:
+        # pynetdicom writes a data set to disk as it arrives and calls on_store only at its end:
+        # without this, one association could fill the disk with a single endless data set.
+        if not isinstance(event.pdu, P_DATA_TF):
+            return
+        key = id(event.assoc)
+        for item in event.pdu.presentation_data_value_items:
+            value = item.presentation_data_value or b"\x00"
+            if value[0] & 0x01:  # bit 0 set: a command fragment (PS3.8 E.2), not the data set
+                continue
+            size = arriving.get(key, 0) + len(value) - 1
+            arriving[key] = 0 if value[0] & 0x02 else size  # 0x02: the data set's last fragment
+            if size > MAX_FILE_BYTES:
+                title = event.assoc.requestor.ae_title.strip()
+                log.warning("association from %s aborted: a data set past %d MB, the limit", title,
+                            MAX_FILE_BYTES // 1_000_000)
+                count("refused_too_large")
+                arriving.pop(key, None)
+                event.assoc.abort()  # non-blocking inside a handler; nothing of it is acknowledged
+                return
+
+    def on_closed(event) -> None:
+        arriving.pop(id(event.assoc), None)
+        partial = getattr(getattr(event.assoc.dimse, "message", None), "_data_set_path", None)
+        if partial is not None:  # a data set cut off by an abort or a dropped connection
+            Path(partial).unlink(missing_ok=True)
+
     def on_echo(event) -> int:
         return SUCCESS
 
     def on_store(event) -> int | tuple:
         path = Path(event.dataset_path)
-        size = path.stat().st_size
         title = event.assoc.requestor.ae_title.strip()
         count("received")
         try:
+            size = path.stat().st_size
             if size > MAX_FILE_BYTES:
-                log.warning("film from %s refused: %d MB, the limit is %d MB", title, size >> 20, MAX_FILE_BYTES >> 20)
+                log.warning("film from %s refused: %d MB, the limit is %d MB", title, size // 1_000_000,
+                            MAX_FILE_BYTES // 1_000_000)
                 count("refused_too_large")
                 return CANNOT_UNDERSTAND
             if not spool.has_room(size):
@@ -159,4 +200,5 @@ def handlers(spool: Spool, peers: list[Peer], on_film: Callable[[Path, str], Non
         on_film(stored, title)
         return SUCCESS
 
-    return [(evt.EVT_REQUESTED, on_requested), (evt.EVT_C_ECHO, on_echo), (evt.EVT_C_STORE, on_store)]
+    return [(evt.EVT_REQUESTED, on_requested), (evt.EVT_PDU_RECV, on_pdu), (evt.EVT_C_ECHO, on_echo),
+            (evt.EVT_C_STORE, on_store), (evt.EVT_ABORTED, on_closed), (evt.EVT_CONN_CLOSE, on_closed)]

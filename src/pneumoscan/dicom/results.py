@@ -8,6 +8,8 @@ rebuilt after a crash or a retry carries the same UIDs: the destination stores i
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 from highdicom import sr
 from highdicom.sc import SCImage
@@ -41,6 +43,23 @@ def result_uids(source_uid: str, digest: str) -> dict[str, str]:
 
 def _reason_text(reason: str) -> str:
     return POPULATION_REASONS.get(reason) or describe_reason(reason)
+
+
+#: Type 2 patient and study attributes the SR copies from its evidence: a film may lack them
+#: (a modality that leaves them out), and an empty value is what DICOM asks for then.
+_TYPE2_FROM_SOURCE = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber",
+                      "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
+
+
+def _as_evidence(source: Dataset) -> Dataset:
+    """The source header with every attribute highdicom reads present (empty where missing)."""
+    missing = [keyword for keyword in _TYPE2_FROM_SOURCE if keyword not in source]
+    if not missing:
+        return source
+    evidence = copy.deepcopy(source)
+    for keyword in missing:
+        setattr(evidence, keyword, None)
+    return evidence
 
 
 def structured_report(source: Dataset, analysis: Analysis, *, model_name: str, digest: str) -> Dataset:
@@ -78,7 +97,7 @@ def structured_report(source: Dataset, analysis: Analysis, *, model_name: str, d
         observer_identifying_attributes=sr.DeviceObserverIdentifyingAttributes(uid=uids["device"], name="pneumoscan"))
     report = sr.MeasurementReport(observation_context=sr.ObservationContext(observer_device_context=observer),
                                   procedure_reported=CHEST_XRAY, imaging_measurements=[group])
-    document = sr.ComprehensiveSR(evidence=[source], content=report, series_instance_uid=uids["sr_series"],
+    document = sr.ComprehensiveSR(evidence=[_as_evidence(source)], content=report, series_instance_uid=uids["sr_series"],
                                   series_number=SR_SERIES, sop_instance_uid=uids["sr"], instance_number=1,
                                   manufacturer="pneumoscan", is_complete=True, series_description=RESEARCH_ONLY)
     return document

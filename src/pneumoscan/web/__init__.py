@@ -19,7 +19,7 @@ from werkzeug.exceptions import HTTPException
 
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.inference import Predictor
-from pneumoscan.web.audit import AuditLog
+from pneumoscan.audit import AuditLog
 from pneumoscan.web.config import load_config
 from pneumoscan.web.deadline import install_upload_deadline
 from pneumoscan.web.metrics import install_metrics

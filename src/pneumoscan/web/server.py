@@ -90,7 +90,7 @@ def run_gunicorn(*, model_dir: Path | None, host: str, port: int, workers: int |
     """
     from pneumoscan.errors import ConfigError
     from pneumoscan.runtime import check_has_graph, default_threads, usable_cores
-    from pneumoscan.web.audit import AuditLog
+    from pneumoscan.audit import AuditLog
     from pneumoscan.web.config import load_config
 
     cores = usable_cores()

@@ -15,7 +15,7 @@ from pneumoscan.gate import describe_reason
 from pneumoscan.heatmap import DISPLAY_WIDTH, display_image, heatmap, overlay, png_bytes
 from pneumoscan.imaging import JPEG_SIGNATURE, decode_image
 from pneumoscan.inference import Predictor
-from pneumoscan.web.audit import AuditUnavailable
+from pneumoscan.audit import AuditUnavailable
 from pneumoscan.web.deadline import decode_slot
 
 

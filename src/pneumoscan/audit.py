@@ -1,8 +1,10 @@
-"""The audit log: one JSON line per uploaded image, appended, off unless a path is configured.
+"""The audit log: one JSON line per analysed image (an upload to the web app or API, a film the
+DICOM node received), appended, off unless a path is configured.
 
 A line holds what is needed to trace a decision (request id, image sha256, model, operating
-point, output, gate reasons) and nothing that identifies a patient: no pixels, no file names
-(they often carry names), no DICOM tags.
+point, output, gate reasons; for the DICOM node the film's and the results' SOP Instance UIDs)
+and nothing that identifies a patient: no pixels, no file names (they often carry names), no
+other DICOM tags.
 
 Durable or the request fails. A request's records are one ``write`` at the end of the file under
 an exclusive ``flock`` (threads and gunicorn workers), then ``fdatasync``: the answer leaves only
@@ -31,7 +33,8 @@ from pneumoscan.errors import ConfigError, PneumoscanError
 log = logging.getLogger(__name__)
 
 _FIELDS = ("image_sha256", "status", "label", "probability_pneumonia", "threshold", "operating_point",
-           "reasons", "review_recommended", "review_reasons", "outside_gate", "gate_reasons")
+           "reasons", "review_recommended", "review_reasons", "outside_gate", "gate_reasons",
+           "sop_instance_uid", "result_sop_instance_uids")
 
 
 class AuditUnavailable(PneumoscanError):
