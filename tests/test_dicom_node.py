@@ -179,7 +179,9 @@ def test_storescu_to_the_node_then_sr_and_heatmap_in_orthanc(exported_bundle: Pa
     source = film(tmp_path / "film.dcm")
     study = dcmread(source).StudyInstanceUID
     metrics_port = _free_port()
-    node = start_node(exported_bundle, tmp_path / "node", node_port, orthanc, "--metrics-port", str(metrics_port))
+    audit = tmp_path / "audit.jsonl"
+    node = start_node(exported_bundle, tmp_path / "node", node_port, orthanc, "--metrics-port", str(metrics_port),
+                      "--audit-log", str(audit))
     try:
         echo = subprocess.run(["echoscu", "-aet", "STORESCU", "-aec", "PNEUMOSCAN", "127.0.0.1", str(node_port)],
                               capture_output=True, text=True, timeout=30)
@@ -218,6 +220,13 @@ def test_storescu_to_the_node_then_sr_and_heatmap_in_orthanc(exported_bundle: Pa
     assert dcmread(source).SOPInstanceUID in text  # the source film is the evidence
     assert "PID-98765" not in log and "Doe" not in log and "ACC-4242" not in log
     assert "film " in log and "-> SR " in log
+    (record,) = [json.loads(line) for line in audit.read_text().splitlines()]  # one film, one line
+    assert record["sop_instance_uid"] == dcmread(source).SOPInstanceUID and record["status"] == "ok"
+    assert set(record["result_sop_instance_uids"]) == {dcmread(tmp_path / f"{r['id']}.dcm").SOPInstanceUID
+                                                       for r in results}
+    assert abs(record["probability_pneumonia"] - reported) < 1e-6
+    for identifier in ("PID-98765", "Doe", "ACC-4242", "20200101"):  # ID, name, accession, birth date
+        assert identifier not in audit.read_text()
 
 
 def test_an_unknown_calling_ae_is_refused_at_association(exported_bundle: Path, tmp_path: Path,
