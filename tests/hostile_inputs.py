@@ -37,12 +37,17 @@ def _jpeg_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-def _bench_bombs():
-    """bench/bombs.py, the decoding bombs bench/soak.py sends too."""
-    spec = importlib.util.spec_from_file_location("bench_bombs", Path(__file__).parents[1] / "bench" / "bombs.py")
+def _bench_module(name: str):
+    """bench/NAME.py, imported by path (bench/ is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).parents[1] / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _bench_bombs():
+    """bench/bombs.py, the decoding bombs bench/soak.py sends too."""
+    return _bench_module("bombs")
 
 
 def _progressive_claiming(width: int, height: int) -> bytes:

@@ -19,9 +19,11 @@ import numpy as np
 import pytest
 
 from conftest import make_xray
-from hostile_inputs import _bench_bombs
+from hostile_inputs import _bench_bombs, _bench_module
 
-DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+_orthanc = _bench_module("orthanc")
+Orthanc, _free_port, DICOMWEB_PLUGIN = _orthanc.Orthanc, _orthanc.free_port, _orthanc.DICOMWEB_PLUGIN
+
 TOOLS = {"Orthanc": "orthanc", "storescu": "dcmtk", "echoscu": "dcmtk", "dciodvfy": "dicom3tools"}
 
 
@@ -29,12 +31,6 @@ def _need(*tools: str) -> None:
     missing = sorted({TOOLS[t] for t in tools if shutil.which(t) is None})
     if missing:
         pytest.skip(f"needs {' '.join(missing)} (apt-get install -y {' '.join(missing)})")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def film(path: Path, *, seed: int = 3, age: str = "003Y", view: str = "AP", sop_class: str = "1.2.840.10008.5.1.4.1.1.1.1",
@@ -63,55 +59,6 @@ def film(path: Path, *, seed: int = 3, age: str = "003Y", view: str = "AP", sop_
     ds.PixelData = pixels.tobytes()
     ds.save_as(path, enforce_file_format=True)
     return path
-
-
-class Orthanc:
-    """Orthanc on free loopback ports with its own storage; knows the node as modality PNEUMOSCAN."""
-
-    def __init__(self, root: Path, node_port: int, *, lua: Path | None = None,
-                 ports: tuple[int, int] | None = None, dicomweb: bool = False) -> None:
-        self.http, self.dicom = ports or (_free_port(), _free_port())
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        config = {
-            "Name": "pneumoscan-test", "HttpPort": self.http, "DicomPort": self.dicom, "DicomAet": "ORTHANC",
-            "StorageDirectory": str(root / "storage"), "IndexDirectory": str(root / "index"),
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "HttpServerEnabled": True,
-            "DicomModalities": {"pneumoscan": ["PNEUMOSCAN", "127.0.0.1", node_port]},
-            "DicomCheckCalledAet": False, "Plugins": [], "StableAge": 1,
-            "LuaScripts": [str(lua)] if lua else [],
-        }
-        if dicomweb:
-            config["Plugins"] = [DICOMWEB_PLUGIN]
-            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
-        (root / "orthanc.json").write_text(json.dumps(config))
-        self.process = subprocess.Popen(["Orthanc", str(root / "orthanc.json")], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                self.get("/system")
-                return
-            except OSError:
-                assert self.process.poll() is None and time.monotonic() < deadline, "Orthanc did not start"
-                time.sleep(0.2)
-
-    def get(self, path: str):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=10) as r:
-            return json.loads(r.read())
-
-    def post(self, path: str, data: bytes):
-        request = urllib.request.Request(f"http://127.0.0.1:{self.http}{path}", data=data, method="POST")
-        with urllib.request.urlopen(request, timeout=30) as r:
-            return json.loads(r.read())
-
-    def get_bytes(self, path: str) -> bytes:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=10) as r:
-            return r.read()
-
-    def stop(self) -> None:
-        os.killpg(self.process.pid, signal.SIGTERM)
-        self.process.wait(timeout=30)
 
 
 @pytest.fixture()

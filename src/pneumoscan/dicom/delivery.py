@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from pydicom import Dataset, dcmread
 
+from pneumoscan.dicom.receiver import send_without_delay
 from pneumoscan.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ class Deliverer:
         assoc = ae.associate(self.store.host, self.store.port, ae_title=self.store.ae_title)
         if not assoc.is_established:
             raise ConnectionError(f"{self.store.ae_title}@{self.store.host}:{self.store.port} did not accept an association")
+        send_without_delay(assoc)
         try:
             for dataset in datasets:
                 status = assoc.send_c_store(dataset)

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,6 +125,18 @@ def make_ae(ae_title: str, peers: list[Peer], *, max_associations: int = 8, time
     return ae
 
 
+def send_without_delay(assoc) -> None:
+    """Turn Nagle's algorithm off on an association's socket. A DIMSE message goes out as a small
+    command PDU followed by data PDUs; with Nagle on, the data waits for the peer's delayed ACK of
+    the command (40 ms on Linux) on every C-STORE. pynetdicom leaves the option unset."""
+    raw = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    if raw is not None:
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # the peer is already gone; the association will say so
+            pass
+
+
 def handlers(spool: Spool, peers: list[Peer], on_film: Callable[[Path, str], None],
              count: Callable[[str], None]) -> list:
     """pynetdicom event handlers: the host check, the size of each data set while it arrives,
@@ -172,6 +185,9 @@ def handlers(spool: Spool, peers: list[Peer], on_film: Callable[[Path, str], Non
         if partial is not None:  # a data set cut off by an abort or a dropped connection
             Path(partial).unlink(missing_ok=True)
 
+    def on_open(event) -> None:
+        send_without_delay(event.assoc)
+
     def on_echo(event) -> int:
         return SUCCESS
 
@@ -200,5 +216,5 @@ def handlers(spool: Spool, peers: list[Peer], on_film: Callable[[Path, str], Non
         on_film(stored, title)
         return SUCCESS
 
-    return [(evt.EVT_REQUESTED, on_requested), (evt.EVT_PDU_RECV, on_pdu), (evt.EVT_C_ECHO, on_echo),
+    return [(evt.EVT_CONN_OPEN, on_open), (evt.EVT_REQUESTED, on_requested), (evt.EVT_PDU_RECV, on_pdu), (evt.EVT_C_ECHO, on_echo),
             (evt.EVT_C_STORE, on_store), (evt.EVT_ABORTED, on_closed), (evt.EVT_CONN_CLOSE, on_closed)]
