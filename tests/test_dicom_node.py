@@ -518,3 +518,25 @@ def test_a_misconfigured_node_says_what_is_wrong_in_one_line(tmp_path: Path, opt
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], done.stderr
     assert "listening" not in done.stdout
+
+
+@pytest.mark.parametrize(("header", "reasons"), [
+    ({"PatientAge": "003Y", "ViewPosition": "AP", "BodyPartExamined": "CHEST"}, []),
+    ({"PatientAge": "045Y"}, ["age_outside_training_population"]),
+    ({"PatientAge": "006M"}, ["age_outside_training_population"]),  # 6 months: younger than 1 year
+    ({"PatientBirthDate": "20100101", "StudyDate": "20230101"}, ["age_outside_training_population"]),
+    ({"PatientBirthDate": "20200101", "StudyDate": "20230101", "ViewPosition": "PA"}, []),
+    ({"ViewPosition": "LAO"}, ["view_not_frontal"]),
+    ({"ViewPosition": "LL"}, []),  # a lateral is the gate's to refuse, as lateral_view
+    ({"BodyPartExamined": "ABDOMEN"}, ["body_part_not_chest"]),
+    ({"BodyPartExamined": "THORAX", "PatientAge": "bogus"}, []),  # an unreadable age is no evidence against
+])
+def test_the_header_says_when_a_film_is_outside_the_training_population(header: dict, reasons: list[str]) -> None:
+    from pydicom import Dataset
+
+    from pneumoscan.dicom.analysis import population_reasons
+
+    ds = Dataset()
+    for keyword, value in header.items():
+        setattr(ds, keyword, value)
+    assert population_reasons(ds) == reasons
