@@ -188,9 +188,10 @@ def test_upload_explain_switch_and_refuse_in_chromium(live_server: str, page) ->
 
 def test_api_docs_render_from_the_package_under_the_csp(live_server: str, page) -> None:
     """Swagger UI at /api/docs: its files come from this server, and the CSP blocks nothing."""
-    violations, requests = [], []
+    violations, requests, warnings = [], [], []
     page.on("console", lambda message: violations.append(message.text)
             if "Content Security Policy" in message.text else None)
+    page.on("console", lambda message: warnings.append(message.text) if message.type in ("warning", "error") else None)
     page.on("request", lambda request: requests.append(request.url))
     page.goto(live_server + "/api/docs")
     page.wait_for_selector(".swagger-ui .info .title")
@@ -199,6 +200,19 @@ def test_api_docs_render_from_the_package_under_the_csp(live_server: str, page) 
     page.click("#operations-default-predict .opblock-summary")
     # Swagger UI expands the operation on a later render, so wait for its text rather than read it at once
     playwright_api.expect(page.locator("#operations-default-predict")).to_contain_text("force", timeout=15_000)
+    # Try it out: the upload field is a file chooser per part, and a film sent from it is analysed
+    page.click("#operations-default-predict .try-out__btn")
+    add = page.locator("#operations-default-predict .json-schema-form-item-add")
+    playwright_api.expect(add).to_be_visible(timeout=15_000)
+    add.click()
+    page.locator("#operations-default-predict input[type=file]").set_input_files(
+        files=[{"name": "film.png", "mimeType": "image/png", "buffer": image_bytes(make_xray(7, size=(160, 144)))}])
+    page.click("#operations-default-predict .execute")
+    playwright_api.expect(page.locator("#operations-default-predict .live-responses-table")).to_contain_text(
+        '"probability_pneumonia"', timeout=30_000)
+    assert "Add a file" in page.evaluate(
+        "getComputedStyle(document.querySelector('.json-schema-form-item-add'), '::after').content")
+    assert not [w for w in warnings if "Could not find component" in w], warnings
     assert not violations, violations
     assert all(url.startswith(live_server) or url.startswith("data:") for url in requests), requests
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

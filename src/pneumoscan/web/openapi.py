@@ -95,7 +95,9 @@ def openapi_spec(*, operating_points: list[str], max_files: int, max_bytes: int,
                         "type": "object", "required": ["file"],
                         "properties": {
                             "file": {"type": "array", "minItems": 1, "maxItems": max_files,
-                                     "items": {"type": "string", "format": "binary"}},
+                                     "items": {"type": "string", "format": "binary"},
+                                     "description": f"One or more images (JPEG, PNG or DICOM), one part per file, "
+                                                    f"at most {max_files}."},
                             "operating_point": {"type": "string", "enum": operating_points},
                             "threshold": {"type": "number", "minimum": 0, "maximum": 1},
                             "explain": {"type": "boolean", "description": "Add a Grad-CAM overlay."},
