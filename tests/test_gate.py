@@ -146,3 +146,27 @@ def test_polarity_detector_refuses_negative_films_with_their_own_reason(tmp_path
     gate.save(tmp_path / "gate.safetensors")  # the detector travels with the gate file
     loaded = FeatureGate.load(tmp_path / "gate.safetensors")
     assert np.array_equal(loaded.inverted(inverted), gate.inverted(inverted))
+
+
+def test_a_cross_fitted_limit_holds_on_new_films_where_six_validation_films_cannot_set_one() -> None:
+    """40 training and 6 validation films of 64 features: the limit from a quantile of the 6
+    validation distances depends on which 6; the cross-fitted one (out-of-fold distances over all
+    46) refuses few new films from the same distribution, and every film far from it."""
+    from pneumoscan.gate import FeatureGate
+
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(64, 64)) / 8
+
+    def films(n: int, shift: float = 0.0) -> np.ndarray:
+        return rng.normal(size=(n, 64)) @ mixing + shift
+
+    train, val, new, far = films(40), films(6), films(2000), films(200, shift=3.0)
+    crossed = FeatureGate.fit(train, val, quantile=0.995, cross_fit_folds=5)
+    assert np.isfinite(crossed.threshold)
+    # the same statistics as the plain fit: only the limit differs
+    plain = FeatureGate.fit(train, val, quantile=0.995)
+    np.testing.assert_allclose(crossed.mean, plain.mean)
+    assert crossed.threshold > plain.threshold  # near the largest of 6 distances: a low quantile of new films'
+    assert np.mean(crossed.distances(new) > crossed.threshold) < 0.05
+    assert np.mean(plain.distances(new) > plain.threshold) > 0.2  # the 6-film limit refuses many real films
+    assert np.all(crossed.distances(far) > crossed.threshold)

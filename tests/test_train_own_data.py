@@ -58,7 +58,7 @@ def test_one_train_command_makes_a_gated_exported_bundle_whose_card_describes_th
     assert refused >= 0.9 * len(documents)
 
 
-def test_a_tiny_validation_split_is_warned_about_and_fits_nothing_on_so_few(tmp_path: Path) -> None:
+def test_a_tiny_validation_split_is_warned_about_fits_no_temperature_and_cross_fits_the_gate(tmp_path: Path) -> None:
     from pneumoscan.card import model_card
     from pneumoscan.integrity import read_spec
 
@@ -67,19 +67,23 @@ def test_a_tiny_validation_split_is_warned_about_and_fits_nothing_on_so_few(tmp_
     assert done.returncode == 0, done.stderr[-3000:]
     warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "fewer than 20 of a class" in warnings[0] and "no temperature" in warnings[0]
+    assert "cross-fitted" in warnings[0]
+    assert "stage 2/2: fitting the input gate on the training films (its limit cross-fitted" in done.stderr
     bundle = tmp_path / "run" / "bundle"
-    assert "NOT gated" in done.stdout and "not exported" in done.stdout
+    assert "gated" in done.stdout and "NOT gated" not in done.stdout and "not exported" in done.stdout
     spec = read_spec(bundle)
-    assert spec.gate is None and spec.onnx is None and spec.decision.temperature == 1.0
+    assert spec.onnx is None and spec.decision.temperature == 1.0
+    assert spec.gate is not None and spec.gate.limit_from == "cross-fitted"
     card = model_card(spec)
-    assert card["gated"] is False and "NO input gate" in " ".join(card["limitations"])
-    assert "fewer than 20 images of a class" in " ".join(card["limitations"])
+    limitations = " ".join(card["limitations"])
+    assert card["gated"] is True and "NO input gate" not in limitations
+    assert "fewer than 20 images of a class" in limitations and "cross-fitted over the" in limitations
     assert card["population"].startswith("Not described")
 
     predicted = subprocess.run([sys.executable, "-m", "pneumoscan", "predict", "--model", str(bundle),
                                 str(next((data / "train" / "NORMAL").iterdir()))],
                                capture_output=True, text=True, timeout=300)
-    assert predicted.returncode == 0 and "note: this bundle has no feature gate" in predicted.stderr
+    assert predicted.returncode == 0 and "no feature gate" not in predicted.stderr, predicted.stderr
 
 
 def test_evaluate_reads_a_plain_labelled_folder_and_says_so(tiny_bundle: Path, xray_root: Path, tmp_path: Path) -> None:

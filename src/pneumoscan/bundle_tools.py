@@ -134,8 +134,13 @@ GATE_EXTRACTOR = "efficientnet_lite0"
 EXTRACTOR_FILE = "gate_extractor.safetensors"
 
 
+#: Folds of the cross-fitted gate limit (small validation splits).
+CROSS_FIT_FOLDS = 5
+
+
 def fit_bundle_gate(bundle_dir: Path | None, data_root: Path, out_dir: Path, *, quantile: float = 0.995,
-                    extractor: str | None = GATE_EXTRACTOR, batch_size: int = 32) -> GateInfo:
+                    extractor: str | None = GATE_EXTRACTOR, batch_size: int = 32,
+                    cross_fit: bool = False) -> GateInfo:
     """Fit the input gate on the bundle's own split and write a new bundle (weights unchanged).
 
     The gate measures the Mahalanobis distance of ``extractor``'s pooled features (a frozen
@@ -144,7 +149,9 @@ def fit_bundle_gate(bundle_dir: Path | None, data_root: Path, out_dir: Path, *, 
     it, so any training recipe can ship with it. ``extractor=None`` measures the classifier's
     own features instead (the gates fitted before). It is then measured on the validation
     X-rays, their inverted copies and the synthetic documents and screenshots. A bundle with an
-    ONNX model gets it re-exported (the graph computes the gate's features too).
+    ONNX model gets it re-exported (the graph computes the gate's features too). ``cross_fit``
+    (a validation split too small to set the threshold alone) takes the quantile of 5-fold
+    out-of-fold distances over the training and validation images instead.
 
     Raises:
         ConfigError: ``quantile`` outside (0.5, 1), or an unknown extractor.
@@ -187,7 +194,8 @@ def fit_bundle_gate(bundle_dir: Path | None, data_root: Path, out_dir: Path, *, 
     train_features, val_features = split_features("train"), split_features("val")
     # Negative films: every fourth training image inverted teaches the polarity detector.
     inverted_train = split_features("train", invert=True, every=4)
-    gate = FeatureGate.fit(train_features, val_features, quantile=quantile, inverted_features=inverted_train)
+    gate = FeatureGate.fit(train_features, val_features, quantile=quantile, inverted_features=inverted_train,
+                           cross_fit_folds=CROSS_FIT_FOLDS if cross_fit else 0)
     inverted_val = split_features("val", invert=True)
     inverted = gate.inverted(inverted_val) | (gate.distances(inverted_val) > gate.threshold)
     val_refused = gate.inverted(val_features) | (gate.distances(val_features) > gate.threshold)
@@ -211,7 +219,8 @@ def fit_bundle_gate(bundle_dir: Path | None, data_root: Path, out_dir: Path, *, 
                         quantile=quantile, method=method, n_train=int(len(train_features)),
                         n_val=int(len(val_features)),
                         validation_refused=round(float(np.mean(val_refused)), 6),
-                        inverted_refused=round(float(np.mean(inverted)), 6), **info_kwargs)
+                        inverted_refused=round(float(np.mean(inverted)), 6),
+                        limit_from="cross-fitted" if cross_fit else "validation", **info_kwargs)
         info = replace(info, synthetic_non_xrays=synthetic_refusals(predictor))
         had_onnx = spec.onnx is not None
         rewrite_bundle(bundle_dir, spec.replace(gate=info, onnx=None), out_dir, extra_files=extra,

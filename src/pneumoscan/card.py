@@ -44,6 +44,10 @@ def _population_and_limits(spec: BundleSpec, training: dict[str, Any]) -> tuple[
     if not dataset:
         return POPULATION, [*LIMITATIONS, gate], None
     limits = [*OWN_DATA_LIMITATIONS, gate]
+    if spec.gate is not None and spec.gate.limit_from == "cross-fitted":
+        limits.append(f"Too few validation films to set the input gate's limit alone: it was cross-fitted over the "
+                      f"{spec.gate.n_train + spec.gate.n_val} training and validation films (each measured by "
+                      "statistics fitted without it), so it rests on few films too.")
     if training.get("few_validation_images"):
         limits.insert(0, "Its validation split holds fewer than 20 images of a class: its thresholds and validation "
                          "figures rest on too few to trust, and no temperature was fitted.")

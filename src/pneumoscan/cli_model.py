@@ -113,14 +113,19 @@ def fit_gate(
     extractor: Annotated[str, typer.Option(
         help="Frozen ImageNet backbone whose features the gate measures, or 'classifier' for the fine-tuned "
              "network's own (moves with every recipe).")] = "efficientnet_lite0",
+    cross_fit: Annotated[bool, typer.Option(
+        "--cross-fit", help="Take the threshold's quantile over 5-fold out-of-fold distances of the training and "
+                            "validation images (for a validation split too small to set it alone).")] = False,
 ) -> None:
     """Fit the input gate (Mahalanobis distance to training features) on the bundle's own split."""
     from pneumoscan.bundle_tools import fit_bundle_gate
 
     info = fit_bundle_gate(model, data, out, quantile=quantile,
-                           extractor=None if extractor == "classifier" else extractor)
-    typer.echo(f"gate threshold {info.threshold:.3f} ({info.quantile:.1%} of {info.n_val} validation "
-               f"images, statistics from {info.n_train} training images); bundle written to {out}")
+                           extractor=None if extractor == "classifier" else extractor, cross_fit=cross_fit)
+    measured = (f"{info.n_train + info.n_val} training and validation images, cross-fitted" if cross_fit
+                else f"{info.n_val} validation images")
+    typer.echo(f"gate threshold {info.threshold:.3f} ({info.quantile:.1%} of {measured}, statistics from "
+               f"{info.n_train} training images); bundle written to {out}")
     synthetic = info.synthetic_non_xrays
     typer.echo(f"refuses {synthetic['refused']} of {synthetic['n']} synthetic documents and screenshots, "
                f"{info.validation_refused:.1%} of the validation X-rays and {info.inverted_refused:.1%} of "

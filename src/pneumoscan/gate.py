@@ -164,15 +164,31 @@ class FeatureGate:
 
     @classmethod
     def fit(cls, train_features: np.ndarray, val_features: np.ndarray, *, quantile: float = 0.995,
-            inverted_features: np.ndarray | None = None) -> "FeatureGate":
+            inverted_features: np.ndarray | None = None, cross_fit_folds: int = 0) -> "FeatureGate":
         """Ledoit-Wolf covariance of the training features; threshold at a validation quantile; with
-        ``inverted_features`` (of inverted training X-rays) also the polarity detector."""
+        ``inverted_features`` (of inverted training X-rays) also the polarity detector.
+
+        With ``cross_fit_folds`` (for a validation split too small to set a limit alone: a quantile
+        of six distances is noise), the threshold is the quantile of out-of-fold distances over
+        the training and validation films together: each film measured by statistics fitted
+        without it, as a new film is.
+        """
         from sklearn.covariance import LedoitWolf
 
         train = np.asarray(train_features, dtype=np.float64)
         estimate = LedoitWolf().fit(train)
         gate = cls(estimate.location_, estimate.precision_, threshold=math.inf)
-        threshold = float(np.quantile(gate.distances(val_features), quantile))
+        if cross_fit_folds:
+            from sklearn.model_selection import KFold
+
+            pool = np.concatenate([train, np.asarray(val_features, dtype=np.float64)])
+            held_out = []
+            for fitted, measured in KFold(n_splits=cross_fit_folds, shuffle=True, random_state=0).split(pool):
+                fold = LedoitWolf().fit(pool[fitted])
+                held_out.append(cls(fold.location_, fold.precision_, threshold=math.inf).distances(pool[measured]))
+            threshold = float(np.quantile(np.concatenate(held_out), quantile))
+        else:
+            threshold = float(np.quantile(gate.distances(val_features), quantile))
         polarity, bias = (None, 0.0) if inverted_features is None else _fit_polarity(train, inverted_features)
         return cls(estimate.location_, estimate.precision_, threshold=threshold, polarity=polarity,
                    polarity_bias=bias)

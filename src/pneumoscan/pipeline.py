@@ -18,7 +18,7 @@ def train_bundle(config: TrainConfig, *, quiet: bool = False,
                  report: Callable[[str], None] = print) -> Path | None:
     """Train (:func:`pneumoscan.training.train`), then unless ``config`` turns them off fit the
     input gate and export to ONNX. A run whose validation split is too small to set the gate's
-    limit gets no gate, with the reason reported. Returns the bundle, or None on other DDP ranks."""
+    limit alone gets it cross-fitted over its training and validation films, and says so. Returns the bundle, or None on other DDP ranks."""
     stages = 1 + int(config.gate) + int(config.export)
     announced = []
 
@@ -33,18 +33,18 @@ def train_bundle(config: TrainConfig, *, quiet: bool = False,
         return None
     stage = 1
     if config.gate:
-        stage += 1
-        if read_spec(bundle).provenance.training.get("few_validation_images"):
-            report(f"stage {stage}/{stages}: no input gate: its limit needs {config.min_validation_per_class} "
-                   "validation films a class (fit-gate can add one once there are)")
-        else:
-            from pneumoscan.bundle_tools import fit_bundle_gate
+        from pneumoscan.bundle_tools import fit_bundle_gate
 
-            report(f"stage {stage}/{stages}: fitting the input gate on the training films")
-            gate = fit_bundle_gate(bundle, config.data, bundle)
-            report(f"  it refuses {gate.validation_refused:.1%} of the validation films, {gate.inverted_refused:.1%} "
-                   f"of their inverted copies and {gate.synthetic_non_xrays['refused']} of "
-                   f"{gate.synthetic_non_xrays['n']} synthetic documents and screenshots")
+        stage += 1
+        few = bool(read_spec(bundle).provenance.training.get("few_validation_images"))
+        report(f"stage {stage}/{stages}: fitting the input gate on the training films"
+               + (f" (its limit cross-fitted over the training and validation films: fewer than "
+                  f"{config.min_validation_per_class} validation films a class cannot set it alone)" if few else ""))
+        gate = fit_bundle_gate(bundle, config.data, bundle, cross_fit=few)
+        report(f"  it refuses {gate.validation_refused:.1%} of the validation films"
+               f"{' (which helped set its limit)' if few else ''}, {gate.inverted_refused:.1%} "
+               f"of their inverted copies and {gate.synthetic_non_xrays['refused']} of "
+               f"{gate.synthetic_non_xrays['n']} synthetic documents and screenshots")
     if config.export:
         from pneumoscan.export import export_bundle_onnx
 

@@ -118,6 +118,9 @@ class GateInfo:
     # Measured when fitted: share of validation X-rays (and of their inverted copies) refused.
     validation_refused: float | None = None
     inverted_refused: float | None = None
+    # Where the threshold's quantile was taken: "validation" films, or "cross-fitted" out-of-fold
+    # distances over the training and validation films (a validation split too small alone).
+    limit_from: str = "validation"
 
 
 @dataclass(frozen=True)

@@ -72,8 +72,9 @@ def train(config: TrainConfig, *, quiet: bool = False, report: Callable[[str], N
     few = min(val_counts.values()) < config.min_validation_per_class
     if few:
         say(f"warning: validation holds {', '.join(f'{k} {v}' for k, v in val_counts.items())}, fewer than "
-            f"{config.min_validation_per_class} of a class: no temperature{' and no input gate' if config.gate else ''} "
-            "will be fitted on so few, and the card says its figures rest on them (add films or raise --val-fraction)")
+            f"{config.min_validation_per_class} of a class: no temperature will be fitted on so few"
+            f"{', the input gate limit is cross-fitted over all the films' if config.gate else ''}, and the card says "
+            "its figures rest on them (add films or raise --val-fraction)")
     say(f"  {sum(class_counts(datamodule.split.train))} training films, {sum(val_counts.values())} validation "
         f"films ({', '.join(f'{k} {v}' for k, v in val_counts.items())})")
     net = create_classifier(config.backbone, weights=config.weights, head=config.head,
