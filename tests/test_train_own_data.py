@@ -71,6 +71,7 @@ def test_a_tiny_validation_split_is_warned_about_fits_no_temperature_and_cross_f
     assert "stage 2/2: fitting the input gate on the training films (its limit cross-fitted" in done.stderr
     bundle = tmp_path / "run" / "bundle"
     assert "gated" in done.stdout and "NOT gated" not in done.stdout and "not exported" in done.stdout
+    assert "NOT calibrated (too few validation films" in done.stdout
     spec = read_spec(bundle)
     assert spec.onnx is None and spec.decision.temperature == 1.0
     assert spec.gate is not None and spec.gate.limit_from == "cross-fitted"
@@ -84,6 +85,13 @@ def test_a_tiny_validation_split_is_warned_about_fits_no_temperature_and_cross_f
                                 str(next((data / "train" / "NORMAL").iterdir()))],
                                capture_output=True, text=True, timeout=300)
     assert predicted.returncode == 0 and "no feature gate" not in predicted.stderr, predicted.stderr
+
+    from pneumoscan.web import create_app
+
+    client = create_app({"MODEL_DIR": str(bundle), "SECRET_KEY": "test"}).test_client()
+    page = " ".join(client.get("/").get_data(as_text=True).split())
+    assert "probabilities are <strong>not calibrated</strong> (too few validation films" in page
+    assert "helped set its cross-fitted limit" in client.get("/model").get_data(as_text=True)
 
 
 def test_evaluate_reads_a_plain_labelled_folder_and_says_so(tiny_bundle: Path, xray_root: Path, tmp_path: Path) -> None:

@@ -33,7 +33,9 @@ def _train(**values: Any) -> None:
         from pneumoscan.integrity import read_spec
 
         spec = read_spec(bundle)
-        parts = ["calibrated", "gated" if spec.gate else "NOT gated (it refuses nothing far from its training films)",
+        few = spec.provenance.training.get("few_validation_images")
+        parts = ["NOT calibrated (too few validation films for a temperature)" if few else "calibrated",
+                 "gated" if spec.gate else "NOT gated (it refuses nothing far from its training films)",
                  "exported to ONNX" if spec.onnx else "not exported (runs only with PyTorch)"]
         typer.echo(f"bundle ready: {bundle} ({', '.join(parts)}); serve it with: pneumoscan serve --model {bundle}")
 
