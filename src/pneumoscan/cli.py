@@ -143,9 +143,12 @@ def evaluate(
 
 @app.command()
 def predict(
-    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders.")],
+    paths: Annotated[list[str], typer.Argument(help="Image files and/or folders (with --engine ray also any "
+                                                    "filesystem URI pyarrow reads, e.g. s3://bucket/films/).")],
     model: ModelOption = None,
     csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write results to this CSV.")] = None,
+    parquet_out: Annotated[Optional[Path], typer.Option(
+        "--parquet", help="Write results to this Parquet file (the CSV's columns; needs pyarrow, which Ray brings).")] = None,
     batch_size: int = 32,
     operating_point: OperatingPointOption = None,
     threshold: Annotated[Optional[float], typer.Option(help="Explicit threshold on P(pneumonia); overrides --operating-point.")] = None,
@@ -153,60 +156,90 @@ def predict(
     backend: BackendOption = "auto",
     no_gate: NoGateOption = False,
     quiet: QuietOption = False,
+    engine: Annotated[str, typer.Option(
+        help="local: in this process; ray: Ray Data actors on this machine or a cluster, for whole archives "
+             "(pip install 'pneumoscan[ray]').")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option(
+        "--ray-address", help="With --engine ray: join this cluster ('auto': the one 'ray start' began here); "
+                              "without it a local Ray starts on this machine.")] = None,
+    ray_actors: Annotated[Optional[int], typer.Option(
+        "--ray-actors", min=1, help="With --engine ray: predicting actors (default: one per CPU of the cluster).")] = None,
 ) -> None:
     """Predict images through the bundle's input gate, as the API does.
 
     Each image is ok (a label), rejected (the gate's reasons, no label) or error (unreadable).
     Exit status 0 when every file was read (a refusal is an answer), 1 if any could not be.
+    Both engines give the same rows.
     """
     from pneumoscan.data import collect_image_paths
-    from pneumoscan.inference import Predictor
+    from pneumoscan.inference import PREDICTION_COLUMNS, Predictor, prediction_row
 
-    if csv_out is not None:
-        check_writable_file(csv_out, "CSV")  # before any image is predicted
-    files = collect_image_paths(paths)
-    if not files:
+    if engine not in ("local", "ray"):
+        _fail(f"--engine takes local or ray, got {engine!r}")
+    if engine == "local" and (ray_address or ray_actors):
+        _fail("--ray-address and --ray-actors go with --engine ray")
+    for out, kind in ((csv_out, "CSV"), (parquet_out, "Parquet")):
+        if out is not None:
+            check_writable_file(out, kind)  # before any image is predicted
+    if engine == "ray":
+        from pneumoscan.ray_predict import require_ray
+
+        require_ray()
+    elif parquet_out is not None:
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            _fail("--parquet needs pyarrow: pip install pyarrow (or 'pneumoscan[ray]')")
+    local_paths = [p for p in paths if engine == "local" or "://" not in p]
+    if engine == "local" and any("://" in p for p in paths):
+        _fail("URIs (s3://, gs://, ...) need --engine ray")
+    files = collect_image_paths(local_paths)
+    if not files and len(local_paths) == len(paths):
         _fail("no .jpeg/.jpg/.png/.dcm images found in the given path(s)")
     predictor = Predictor.from_bundle(model, tta=tta, backend=backend)
+    predictor.decision.threshold_for(operating_point, threshold)  # a bad choice fails before any work
     from pneumoscan.progress import bar
 
-    with bar(len(files), "predicting", quiet=quiet) as advance:
-        results = predictor.predict_paths(files, batch_size=batch_size, operating_point=operating_point,
-                                          threshold=threshold, gate=not no_gate, progress=advance)
-    rows = [(r.name, r.status, r.label or "", "" if r.probability is None else f"{r.probability:.6f}",
-             "" if r.threshold is None else f"{r.threshold:.6f}",
-             {True: "yes", False: "no", None: ""}[r.review_recommended], ";".join(r.review_reasons),
-             ";".join(r.reasons) if r.status != "error" else (r.error_code or ""), r.error or "")
-            for r in results]
+    if engine == "ray":
+        from pneumoscan.ray_predict import predict_on_ray
+
+        with bar(len(files), "predicting on Ray", quiet=quiet) as advance:  # URIs: counted as they come
+            rows = predict_on_ray(paths, model=model, backend=backend, tta=tta, operating_point=operating_point,
+                                  threshold=threshold, gate=not no_gate, address=ray_address, actors=ray_actors,
+                                  batch_size=batch_size, progress=advance)
+    else:
+        with bar(len(files), "predicting", quiet=quiet) as advance:
+            results = predictor.predict_paths(files, batch_size=batch_size, operating_point=operating_point,
+                                              threshold=threshold, gate=not no_gate, progress=advance)
+        rows = [prediction_row(r) for r in results]
     if csv_out is not None:
         write_csv(csv_out, PREDICTION_COLUMNS, rows)
         _echo(f"{len(rows)} result(s) written to {csv_out}")
-    else:
-        rows = [(terminal_safe(row[0]), *row[1:]) for row in rows]  # widths as shown
-        width = max(len(row[0]) for row in rows)
+    if parquet_out is not None:
+        from pneumoscan.ray_predict import write_parquet
+
+        write_parquet(parquet_out, rows)
+        _echo(f"{len(rows)} result(s) written to {parquet_out}")
+    if csv_out is None and parquet_out is None:
+        shown = [(terminal_safe(row[0]), *row[1:]) for row in rows]  # widths as shown
+        width = max([len(row[0]) for row in shown] + [4])
         _echo(f"{'path':<{width}}  {'status':<8}  {'label':<9}  p(pneumonia)  threshold  review  reasons")
-        for path, status, label, probability, cut, review, review_reasons, reasons, _ in rows:
+        for path, status, label, probability, cut, review, review_reasons, reasons, _ in shown:
             why = "; ".join(part for part in (review_reasons, reasons) if part)
             _echo(f"{path:<{width}}  {status:<8}  {label or '-':<9}  {probability or '-':>12}  "
                        f"{cut or '-':>9}  {review or '-':<6}  {why}".rstrip())
-    counts = {status: sum(r.status == status for r in results) for status in ("ok", "rejected", "error")}
+    counts = {status: sum(row[1] == status for row in rows) for status in ("ok", "rejected", "error")}
     _echo(f"{counts['ok']} predicted, {counts['rejected']} refused by the input gate{' (off)' if no_gate else ''}, "
           f"{counts['error']} unreadable", err=True)
     if predictor.gate is None and not no_gate:
         _echo("note: this bundle has no feature gate: only the image checks ran (greyscale photos and documents "
               "are not refused); fit one with 'pneumoscan fit-gate'", err=True)
-    for r in results:
-        if r.status == "error":
-            _echo(f"error: {r.error}", err=True)
+    for row in rows:
+        if row[1] == "error":
+            _echo(f"error: {row[-1]}", err=True)
     if counts["error"]:
-        _echo(f"{counts['error']} of {len(results)} file(s) could not be read", err=True)
+        _echo(f"{counts['error']} of {len(rows)} file(s) could not be read", err=True)
         raise typer.Exit(1)
-
-
-#: Columns of ``pneumoscan predict --csv``; ``reasons`` holds the gate's reasons (the API's names),
-#: or the error code for unreadable files; ``review_recommended`` is yes/no for answers.
-PREDICTION_COLUMNS = ("path", "status", "label", "probability_pneumonia", "threshold", "review_recommended",
-                      "review_reasons", "reasons", "error")
 
 
 @app.command()

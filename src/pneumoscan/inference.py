@@ -64,8 +64,23 @@ class Result:
         return bool(self.review_reasons) if self.status == "ok" else None
 
 
-def _error_result(name: str, exc: PneumoscanError) -> Result:
+def error_result(name: str, exc: PneumoscanError) -> Result:
+    """The result of a file that could not be read or decoded."""
     return Result(name, "error", error=str(exc), error_code=exc.code, http_status=exc.http_status)
+
+
+#: Columns of ``pneumoscan predict --csv`` (either engine); ``reasons`` holds the gate's reasons
+#: (the API's names), or the error code for unreadable files; ``review_recommended`` is yes/no.
+PREDICTION_COLUMNS = ("path", "status", "label", "probability_pneumonia", "threshold", "review_recommended",
+                      "review_reasons", "reasons", "error")
+
+
+def prediction_row(r: Result) -> tuple[str, ...]:
+    """One result as a row of :data:`PREDICTION_COLUMNS`, every value a string."""
+    return (r.name, r.status, r.label or "", "" if r.probability is None else f"{r.probability:.6f}",
+            "" if r.threshold is None else f"{r.threshold:.6f}",
+            {True: "yes", False: "no", None: ""}[r.review_recommended], ";".join(r.review_reasons),
+            ";".join(r.reasons) if r.status != "error" else (r.error_code or ""), r.error or "")
 
 
 class Predictor:
@@ -217,7 +232,7 @@ class Predictor:
             try:
                 image = self.preprocessing.load(path)
             except PneumoscanError as exc:
-                results[i] = _error_result(str(path), exc)
+                results[i] = error_result(str(path), exc)
                 if progress is not None:
                     progress(1)
                 continue
