@@ -102,6 +102,10 @@ def model_card(spec: BundleSpec) -> dict[str, Any]:
         "population": population,
         "limitations": limitations,
         "gated": spec.gate is not None,
+        "distilled_from": ({"name": training["teacher_name"], "bundle_sha256": training["teacher_bundle_sha256"],
+                            "soft_target_weight": training.get("distill_weight"),
+                            "temperature": training.get("distill_temperature")}
+                           if training.get("teacher_bundle_sha256") else None),
         "training_data": {
             "dataset": f"{dataset['folder']} (sha256 {dataset['sha256'][:16]}...)" if dataset
             else "Kermany chest X-ray (Kaggle layout)",

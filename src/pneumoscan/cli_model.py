@@ -40,12 +40,17 @@ def _train(**values: Any) -> None:
         typer.echo(f"bundle ready: {bundle} ({', '.join(parts)}); serve it with: pneumoscan serve --model {bundle}")
 
 
-def _register_train() -> None:
-    """``pneumoscan train``: one option per TrainConfig field, with the field's default and help."""
+def _register_train(command: str = "train") -> None:
+    """``pneumoscan train`` (and ``distill``, with its own options and a required --teacher): one
+    option per TrainConfig field, with the field's default and help."""
     from pneumoscan.training.config import cli_options
 
     parameters = []
     for opt in cli_options():
+        if opt.distill_only and command != "distill":
+            continue
+        if opt.name == "teacher" and command == "distill":
+            opt = dataclasses.replace(opt, default=dataclasses.MISSING, type=Path)
         kind = opt.type
         if type(None) in typing.get_args(kind):  # "int | None" -> Optional[int], which typer reads
             kind = Optional[next(t for t in typing.get_args(kind) if t is not type(None))]
@@ -65,13 +70,22 @@ def _register_train() -> None:
     def train(**values: Any) -> None:
         _train(**values)
 
-    train.__doc__ = _train.__doc__
+    train.__doc__ = _train.__doc__ if command == "train" else DISTILL_DOC
     train.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     train.__annotations__ = {p.name: p.annotation for p in parameters}
-    app.command()(train)
+    app.command(command)(train)
 
+
+DISTILL_DOC = """Distil a teacher bundle (an ensemble, say) into one student network.
+
+    The student (EfficientNet-Lite0 unless --backbone) trains on the teacher's temperature-softened
+    log-odds, teacher and student seeing the same augmented view each step, mixed with the hard
+    labels by --distill-weight; then, as for train, it is calibrated, gated and exported, and its
+    card names its teacher and the teacher's digest. Resumable like train (--resume).
+    """
 
 _register_train()
+_register_train("distill")
 
 
 @app.command()

@@ -22,10 +22,10 @@ CLASS_BALANCE_CHOICES = ("weights", "sampling", "none")
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, flags: tuple[str, ...] = (),
-           default_factory: Any = dataclasses.MISSING) -> Any:
+           default_factory: Any = dataclasses.MISSING, distill_only: bool = False) -> Any:
     """A dataclass field that is also a ``pneumoscan train`` option (``flags`` replace the
-    field-derived ``--name``)."""
-    metadata = {"help": help, "flags": flags}
+    field-derived ``--name``); ``distill_only``: an option of ``pneumoscan distill`` alone."""
+    metadata = {"help": help, "flags": flags, "distill_only": distill_only}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -102,6 +102,12 @@ class TrainConfig:
                               "refuses nothing far from them, and says so everywhere).", flags=("--gate/--no-gate",))
     export: bool = option(True, "Export the bundle to ONNX, checked against PyTorch (--no-export: it then "
                                 "runs only where PyTorch is installed).", flags=("--export/--no-export",))
+    teacher: Path | None = option(None, "The bundle whose temperature-softened log-odds the student learns "
+                                        "(an ensemble, say).", distill_only=True)
+    distill_weight: float = option(0.7, "Share of the loss from the teacher's soft targets; the rest is the "
+                                        "hard labels' cross-entropy.", distill_only=True)
+    distill_temperature: float = option(2.0, "Temperature that softens teacher and student log-odds in the "
+                                             "distillation loss.", distill_only=True)
     population: str | None = option(None, "Who the training films come from (ages, views, centres, "
                                            "scanners), for the model card; default: 'not described'.")
 
@@ -124,6 +130,9 @@ class TrainConfig:
              f"--ema-decay must be in (0, 1), got {self.ema_decay}"),
             (self.limit_train_batches > 0,
              f"--limit-train-batches must be positive, got {self.limit_train_batches}"),
+            (0 <= self.distill_weight <= 1, f"--distill-weight must be in [0, 1], got {self.distill_weight}"),
+            (self.distill_temperature > 0,
+             f"--distill-temperature must be positive, got {self.distill_temperature}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -150,6 +159,7 @@ class CliOption:
     default: Any  # dataclasses.MISSING for a required option
     help: str
     flags: tuple[str, ...]
+    distill_only: bool = False
 
 
 def cli_options(cls: type = TrainConfig, prefix: tuple[str, ...] = ()) -> Iterator[CliOption]:
@@ -161,7 +171,8 @@ def cli_options(cls: type = TrainConfig, prefix: tuple[str, ...] = ()) -> Iterat
             yield from cli_options(kind, prefix + (f.name,))
             continue
         yield CliOption(name=f.name, path=prefix + (f.name,), type=kind, default=f.default,
-                        help=f.metadata.get("help", ""), flags=f.metadata.get("flags", ()))
+                        help=f.metadata.get("help", ""), flags=f.metadata.get("flags", ()),
+                        distill_only=f.metadata.get("distill_only", False))
 
 
 def from_cli(values: dict[str, Any]) -> TrainConfig:

@@ -31,7 +31,7 @@ from pneumoscan.training.callbacks import EpochProgressBar, StagedFinetuning
 from pneumoscan.training.config import TrainConfig
 from pneumoscan.training.checkpointing import AtomicCheckpointIO
 from pneumoscan.training.datamodule import ChestXrayDataModule
-from pneumoscan.training.module import PneumoniaClassifier
+from pneumoscan.training.module import DistillationClassifier, PneumoniaClassifier
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,18 @@ def train(config: TrainConfig, *, quiet: bool = False, report: Callable[[str], N
     net = create_classifier(config.backbone, weights=config.weights, head=config.head,
                             input_size=config.input_size, dropout=config.dropout)
     balance_weights = datamodule.class_weights() if config.class_balance != "none" else None
-    module = PneumoniaClassifier(
-        net, mean=info.mean, std=info.std, lr=config.lr, weight_decay=config.weight_decay,
-        class_weights=balance_weights if config.class_balance == "weights" else None,
-        val_class_weights=balance_weights, label_smoothing=config.label_smoothing)
+    common = dict(mean=info.mean, std=info.std, lr=config.lr, weight_decay=config.weight_decay,
+                  class_weights=balance_weights if config.class_balance == "weights" else None,
+                  val_class_weights=balance_weights, label_smoothing=config.label_smoothing)
+    if config.teacher is not None:
+        teacher, teacher_spec = _teacher(config)
+        say(f"  distilling {teacher_spec.name} ({config.distill_weight:.0%} soft targets at temperature "
+            f"{config.distill_temperature:g})")
+        module: PneumoniaClassifier = DistillationClassifier(
+            net, teacher=teacher, teacher_mean=tuple(teacher_spec.mean), teacher_std=tuple(teacher_spec.std),
+            distill_weight=config.distill_weight, distill_temperature=config.distill_temperature, **common)
+    else:
+        module = PneumoniaClassifier(net, **common)
 
     best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best-{epoch}", monitor="val_loss",
                            mode="min", save_top_k=1)
@@ -128,6 +136,33 @@ def train(config: TrainConfig, *, quiet: bool = False, report: Callable[[str], N
         return None
     return export_bundle(config, datamodule, module, best.best_model_path or str(last_ckpt),
                          fit_seconds=fit_seconds, few_validation=few)
+
+
+def _teacher(config: TrainConfig):
+    """The teacher bundle's network (its log-odds, uncalibrated) and spec, checked to read the
+    student's input: the same pixels go to both.
+
+    Raises:
+        ConfigError: the teacher's input size or equalisation differs from the student's.
+        BundleError: the teacher bundle cannot be loaded.
+    """
+    from pneumoscan.models import load_bundle
+
+    teacher, spec = load_bundle(config.teacher, check_onnx=False)
+    if spec.input_size != config.input_size or bool(spec.equalize) != bool(config.equalize):
+        raise ConfigError(f"the teacher {config.teacher} reads {spec.input_size}x{spec.input_size} pixels"
+                          f"{' equalised' if spec.equalize else ''}; give the student the same "
+                          f"(--input-size {spec.input_size}{', --equalize' if spec.equalize else ''})")
+    return teacher, spec
+
+
+def _teacher_record(config: TrainConfig) -> dict:
+    """What the student's provenance (and so its card) says of its teacher."""
+    if config.teacher is None:
+        return {}
+    from pneumoscan.integrity import bundle_digest, read_spec
+
+    return {"teacher_bundle_sha256": bundle_digest(config.teacher), "teacher_name": read_spec(config.teacher).name}
 
 
 def _trainer(config: TrainConfig, callbacks: list, out: Path, show_progress: bool) -> pl.Trainer:
@@ -256,7 +291,7 @@ def export_bundle(config: TrainConfig, datamodule: ChestXrayDataModule, module: 
                       "fit_seconds": round(fit_seconds, 1),
                       "train_counts": class_counts(datamodule.split.train),
                       "dataset": describe_dataset(config.data, datamodule.split),
-                      "few_validation_images": few_validation},
+                      "few_validation_images": few_validation, **_teacher_record(config)},
             split_manifest_sha256=split_sha, versions=_versions(),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds")),
     )

@@ -92,3 +92,55 @@ class PneumoniaClassifier(pl.LightningModule):
             patience=self.hparams.plateau_patience)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss", "interval": "epoch"}}
+
+
+class DistillationClassifier(PneumoniaClassifier):
+    """A student learning a frozen teacher's temperature-softened log-odds on the very batch it
+    trains on (the same augmented view: no cached teacher outputs), mixed with the hard labels:
+    ``weight * T^2 * KL(teacher_T || student_T) + (1 - weight) * cross-entropy``.
+
+    Validation, and so early stopping and the checkpoint chosen, stays the plain cross-entropy
+    of :class:`PneumoniaClassifier`. The teacher is kept out of the state dict and checkpoints
+    (it is the teacher bundle's, reloaded on resume).
+    """
+
+    def __init__(self, net: Classifier, *, teacher: torch.nn.Module, teacher_mean: tuple[float, float, float],
+                 teacher_std: tuple[float, float, float], distill_weight: float = TrainConfig.distill_weight,
+                 distill_temperature: float = TrainConfig.distill_temperature, **kwargs: Any) -> None:
+        super().__init__(net, **kwargs)
+        self.save_hyperparameters(ignore=["net", "teacher"])
+        for parameter in teacher.parameters():
+            parameter.requires_grad_(False)
+        self._teacher = [teacher.eval()]  # a list: not a registered submodule
+
+    @property
+    def teacher(self) -> torch.nn.Module:
+        return self._teacher[0]
+
+    def on_fit_start(self) -> None:
+        self.teacher.to(self.device)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        pixels, labels = batch
+        student = normalize(pixels, self.hparams.mean, self.hparams.std)
+        if self.trainer is not None and self.trainer.training:
+            return student, normalize(pixels, self.hparams.teacher_mean, self.hparams.teacher_std), labels
+        return student, labels
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        x, teacher_x, y = batch
+        logits = self(x)
+        with torch.no_grad():
+            self.teacher.eval()  # Lightning's train() on the module must not reach the teacher's dropout
+            teacher_logits = self.teacher(teacher_x)
+        t = self.hparams.distill_temperature
+        soft = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                        reduction="batchmean", log_target=True) * t * t
+        hard = F.cross_entropy(logits, y, weight=self.class_weights, label_smoothing=self.hparams.label_smoothing)
+        weight = self.hparams.distill_weight
+        loss = weight * soft + (1 - weight) * hard
+        self.train_acc(logits.softmax(dim=1)[:, 1], y)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
+        self.log("train_distill_loss", soft, on_step=False, on_epoch=True, sync_dist=True)
+        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
