@@ -110,7 +110,7 @@ def train(config: TrainConfig, *, quiet: bool = False, report: Callable[[str], N
         latest,
         EarlyStopping(monitor="val_loss", mode="min", patience=config.patience),
         LearningRateMonitor(logging_interval="epoch"),
-        _StopOnSigint(),
+        _StopOnSignal(),
     ]
     if config.ema_decay is not None:
         # Validation, early stopping and every checkpoint's state_dict see the averaged weights, so
@@ -197,56 +197,75 @@ def _quiet_lightning():
                 logger.setLevel(level)
 
 
-class _SigintReceived(BaseException):
-    """SIGINT during fit. Not a KeyboardInterrupt, which Lightning turns into exit status 1."""
+class _StopSignal(BaseException):
+    """SIGINT or SIGTERM during fit. Not a KeyboardInterrupt, which Lightning turns into exit status 1."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
-class _StopOnSigint(pl.Callback):
-    """Raises _SigintReceived at the next batch boundary once SIGINT has arrived.
+class _StopOnSignal(pl.Callback):
+    """Raises _StopSignal at the next training batch's start once SIGINT or SIGTERM has arrived.
 
-    The handler only sets a flag, as Lightning's own SIGTERM handler does: an exception raised
-    from a signal handler lands wherever the main thread happens to be, and inside
-    ``torch.save`` that breaks the checkpoint being written ("enforce fail at
-    inline_container.cc ... unexpected pos", exit 1 instead of 130). Between batches nothing is
-    half-done.
+    The handlers only set a flag: an exception raised from a signal handler lands wherever the
+    main thread happens to be, and inside ``torch.save`` that breaks the checkpoint being written
+    ("enforce fail at inline_container.cc ... unexpected pos", exit 1 instead of 130). Only the
+    start of a training batch is a safe place to stop: a checkpoint taken after an epoch's last
+    batch, or in the middle of validation, resumes into an epoch end without ``val_loss``
+    (Lightning: "Early stopping conditioned on metric `val_loss` which is not available"). So a
+    signal during validation stops the run at the next epoch's first batch, or after the fit.
+    On one process SIGTERM is taken from Lightning for the same reason; with several (DDP) it
+    stays Lightning's, which stops every rank together.
     """
 
     def __init__(self) -> None:
-        self.received = False
+        self.received: int | None = None
 
-    def _check(self, *args) -> None:
-        if self.received:
-            raise _SigintReceived()
+    def flag(self, signum, frame) -> None:
+        self.received = signum
 
-    on_train_batch_start = on_train_batch_end = on_validation_batch_end = on_validation_start = _check
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after Lightning's signal connector has installed its own handler (after on_fit_start)
+        if trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.flag)
+
+    def on_train_batch_start(self, *args) -> None:
+        if self.received is not None:
+            raise _StopSignal(self.received)
 
 
 @contextlib.contextmanager
 def _interruptible(trainer: pl.Trainer, last_ckpt: Path):
-    """SIGTERM (Lightning stops after the current batch) or SIGINT (the same, through
-    _StopOnSigint): save a resumable checkpoint at ``last_ckpt``, then raise TrainingInterrupted
-    with the exit status a scheduler expects."""
-    stopper = next((c for c in trainer.callbacks if isinstance(c, _StopOnSigint)), None)
+    """SIGTERM or SIGINT (through _StopOnSignal; SIGTERM through Lightning under DDP): save a
+    resumable checkpoint at ``last_ckpt``, then raise TrainingInterrupted with the exit status a
+    scheduler expects."""
+    stopper = next((c for c in trainer.callbacks if isinstance(c, _StopOnSignal)), None)
 
     def on_sigint(signum, frame):
         if stopper is None:
-            raise _SigintReceived()
-        stopper.received = True
+            raise _StopSignal(signum)
+        stopper.flag(signum, frame)
 
-    previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
+    main = threading.current_thread() is threading.main_thread()
+    previous = (signal.signal(signal.SIGINT, on_sigint), signal.getsignal(signal.SIGTERM)) if main else None
+    finished = False
     try:
         yield
-        if stopper is not None and stopper.received:  # it came after the last batch: still a stop
-            raise _SigintReceived()
-    except (SIGTERMException, _SigintReceived) as exc:
-        sigterm = isinstance(exc, SIGTERMException)
-        trainer.save_checkpoint(str(last_ckpt))  # mid-epoch is fine: the loops' progress is in it
+        if stopper is not None and stopper.received is not None:  # it came after the last batch: still a stop
+            finished = True
+            raise _StopSignal(stopper.received)
+    except (SIGTERMException, _StopSignal) as exc:
+        sigterm = isinstance(exc, SIGTERMException) or exc.signum == signal.SIGTERM
+        if not finished:  # a finished fit's last.ckpt, written at its last epoch's end, already resumes
+            trainer.save_checkpoint(str(last_ckpt))  # at a batch's start: the loops' progress is in it
         raise TrainingInterrupted(
             f"training stopped by {'SIGTERM' if sigterm else 'SIGINT'}; a resumable checkpoint is at {last_ckpt} "
             "(run the same command with --resume)", exit_code=143 if sigterm else 130) from None
     finally:
         if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGINT, previous[0])
+            signal.signal(signal.SIGTERM, previous[1])
 
 
 def export_bundle(config: TrainConfig, datamodule: ChestXrayDataModule, module: PneumoniaClassifier,
