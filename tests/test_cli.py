@@ -198,9 +198,12 @@ def test_train_options_come_from_train_config() -> None:
     from pneumoscan.card import RECIPE_KEYS
     from pneumoscan.training.config import TrainConfig, cli_options
 
-    command = typer.main.get_command(app).commands["train"]
-    params = {p.name: p for p in command.params}
+    commands = typer.main.get_command(app).commands
+    params = {p.name: p for p in commands["train"].params}
     for opt in cli_options():
+        if opt.distill_only:  # distill's own options: train does not offer them
+            assert opt.name not in params, opt.name
+            continue
         assert opt.name in params, opt.name
         param = params[opt.name]
         if opt.default is dataclasses.MISSING:
@@ -208,7 +211,11 @@ def test_train_options_come_from_train_config() -> None:
         else:
             assert param.default == opt.default, opt.name
         assert param.help == opt.help and opt.help, opt.name
-    assert set(params) == {o.name for o in cli_options()} | {"no_augment", "quiet"}
+    assert set(params) == {o.name for o in cli_options() if not o.distill_only} | {"no_augment", "quiet"}
+    # distill offers all of them, its teacher required
+    distill = {p.name: p for p in commands["distill"].params}
+    assert set(distill) == {o.name for o in cli_options()} | {"no_augment", "quiet"}
+    assert distill["teacher"].required and distill["distill_weight"].default == TrainConfig.distill_weight
     assert "--fp32-bundle" in params["half_bundle"].secondary_opts
     # the model card's recipe names keys that training really writes
     written = TrainConfig(data=Path("d"), out=Path("o")).as_json()
