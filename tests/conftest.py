@@ -57,6 +57,21 @@ def write_kaggle_layout(root: Path, *, per_class: dict[str, int] | None = None) 
     return root
 
 
+def signal_once_training_runs(run, out: Path, signum: int, *, timeout: float = 300) -> str:
+    """Send ``signum`` to a ``train``/``distill`` subprocess a second after its training has
+    started (Lightning wrote OUT/logs/version_*/hparams.yaml); its stderr once it has exited."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not list((out / "logs").glob("version_*/hparams.yaml")):
+        assert run.poll() is None, run.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, f"training did not start in {timeout:.0f} s"
+        time.sleep(0.05)
+    time.sleep(1.0)
+    run.send_signal(signum)
+    return run.communicate(timeout=120)[1]
+
+
 def _mk(root: Path, split: str, cls: str) -> Path:
     path = root / split / cls
     path.mkdir(parents=True, exist_ok=True)

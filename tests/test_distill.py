@@ -9,12 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import TEST_INPUT, write_kaggle_layout
+from conftest import TEST_INPUT, signal_once_training_runs, write_kaggle_layout
 
 pytest.importorskip("torch", reason="distillation needs PyTorch (pneumoscan[train]); this is the light install")
 
@@ -73,14 +72,7 @@ def test_a_distillation_stopped_by_sigterm_resumes(tiny_bundle: Path, tmp_path: 
     command = _distill(tiny_bundle, data, out, "--epochs", "2", "--no-gate", "--no-export", "--batch-size", "2")
     run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 300
-    while not list((out / "logs").glob("version_*/hparams.yaml")):  # training has started
-        assert run.poll() is None, run.stderr.read()[-2000:]
-        assert time.monotonic() < deadline, "distillation did not start in 300 s"
-        time.sleep(0.05)
-    time.sleep(1.0)
-    run.send_signal(signal.SIGTERM)
-    _, stderr = run.communicate(timeout=120)
+    stderr = signal_once_training_runs(run, out, signal.SIGTERM)
     assert run.returncode == 143, stderr[-2000:]
     assert (out / "checkpoints" / "last.ckpt").is_file() and not (out / "bundle").exists()
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TEST_INPUT, make_xray
+from conftest import TEST_INPUT, make_xray, signal_once_training_runs
 from pneumoscan.calibration import THRESHOLD_SOURCE
 from pneumoscan.errors import ConfigError
 from pneumoscan.models import load_bundle
@@ -298,18 +298,10 @@ def test_sigterm_or_sigint_saves_a_checkpoint_and_exits_non_zero(tmp_path: Path,
     """A scheduler's SIGTERM (or Ctrl+C) mid-run: a resumable checkpoint, an honest exit status,
     no bundle; --resume then completes the run."""
     import signal
-    import time
 
     out, cmd, env = _train_command(tmp_path, epochs=2)
     run = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 300
-    while not list((out / "logs").glob("version_*/hparams.yaml")):  # training has started
-        assert run.poll() is None, run.stderr.read()[-2000:]
-        assert time.monotonic() < deadline, "training did not start in 300 s"
-        time.sleep(0.05)
-    time.sleep(1.0)
-    run.send_signal(getattr(signal, signum))
-    _, stderr = run.communicate(timeout=120)
+    stderr = signal_once_training_runs(run, out, getattr(signal, signum))
     assert run.returncode == status, stderr[-2000:]
     assert f"training stopped by {signum}" in stderr and "--resume" in stderr and "Traceback" not in stderr
     assert (out / "checkpoints" / "last.ckpt").is_file() and not (out / "bundle").exists()
