@@ -29,15 +29,17 @@ PARITY_TOLERANCE = 1e-4
 
 
 def export_onnx(model: Classifier | Ensemble, spec: BundleSpec, path: Path, *,
-                extractor: Classifier | None = None) -> None:
+                extractor: Classifier | None = None, share_frozen_layers: bool = True) -> None:
     """Write the network (every member, and the gate's extractor) as one ONNX graph (dynamic batch
-    size) to ``path``.
+    size) to ``path``; the first blocks they all hold byte for byte are computed once
+    (``share_frozen_layers=False``: each network whole, for benchmarks).
 
     Raises:
         ConfigError: the backbone has an operation the exporter cannot express.
     """
     with_cam = supports_cam(model)
-    network = TorchRunner.for_bundle(model, spec, extractor=extractor, with_cam=with_cam).network
+    network = TorchRunner.for_bundle(model, spec, extractor=extractor, with_cam=with_cam,
+                                     share_frozen_layers=share_frozen_layers).network
     example = torch.zeros(2, 1, spec.input_size, spec.input_size, dtype=torch.uint8)
     outputs = ["log_odds", "features", "cam"] if with_cam else ["log_odds", "features"]
     try:

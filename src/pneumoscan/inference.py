@@ -23,7 +23,7 @@ from PIL import Image
 from pneumoscan.errors import BundleError, PneumoscanError
 from pneumoscan.gate import FeatureGate, screen
 from pneumoscan.imaging import Preprocessing
-from pneumoscan.integrity import bundle_digest, default_bundle_path, verify_bundle
+from pneumoscan.integrity import bundle_digest, default_bundle_path, resolve_model, verify_bundle
 from pneumoscan.runtime import Runner, open_runner, require_torch
 from pneumoscan.spec import BundleSpec, Decision
 
@@ -106,7 +106,8 @@ class Predictor:
     @classmethod
     def from_bundle(cls, path: str | Path | None = None, *, tta: bool = False, backend: str = "auto",
                     allow_torch_fallback: bool = False, expected_digest: str | None = None) -> "Predictor":
-        """Load a bundle (the packaged default model when ``path`` is None).
+        """Load a bundle (the packaged default model when ``path`` is None; a string that names a
+        bundled model, ``"fast"`` say, loads that one).
 
         ``tta`` averages the log-odds of each image and its horizontal mirror. ``backend``:
         ``auto``, ``onnxruntime`` or ``torch`` (see :func:`pneumoscan.runtime.open_runner`).
@@ -116,7 +117,7 @@ class Predictor:
             BundleError: missing, corrupt or tampered bundle (any file, model.json included).
             ConfigError: an unknown backend, or ``onnxruntime`` when it cannot be used.
         """
-        directory = default_bundle_path() if path is None else Path(path)
+        directory = default_bundle_path() if path is None else resolve_model(path) if isinstance(path, str) else path
         spec = verify_bundle(directory, check_onnx=False,  # open_runner checks the ONNX file
                              expected_digest=expected_digest)
         gate = FeatureGate.load(directory / spec.gate.file) if spec.gate is not None else None

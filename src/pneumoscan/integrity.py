@@ -36,6 +36,13 @@ SPEC_FILE = "model.json"
 #: The digest (manifest sha256) of the packaged default bundle: editing its files and its manifest
 #: together is caught too. Updated whenever the default bundle is rewritten.
 DEFAULT_BUNDLE_DIGEST = "aa725f370e8fafa3976888faa848c6c70c76cccd22197721304ede61a9ab1509"
+#: The bundles shipped inside the package, by the name ``--model`` takes: their folder and what
+#: they are. ``default`` is what runs when no ``--model`` is given (MODEL_CARD.md says why).
+BUNDLED_MODELS: dict[str, tuple[str, str]] = {
+    "default": ("default_model", "E13, three EfficientNet-Lite0 networks averaged: the most accurate"),
+}
+#: Each bundled model's pinned digest (the default's is :data:`DEFAULT_BUNDLE_DIGEST`).
+BUNDLED_DIGESTS: dict[str, str] = {}
 _FORMAT = 1
 #: The most a bundle's JSON files (model.json, the manifest) may hold, and how deeply they may
 #: nest: a 100,000-deep model.json ended in a RecursionError traceback.
@@ -120,7 +127,26 @@ def check_name(name: object, where: str) -> str:
 
 def default_bundle_path() -> Path:
     """The bundle shipped inside the package (used when no --model is given)."""
-    return Path(str(resources.files("pneumoscan") / "default_model"))
+    return bundled_model_path("default")
+
+
+def bundled_model_path(name: str) -> Path:
+    """The folder of the bundled model called ``name`` (a key of :data:`BUNDLED_MODELS`).
+
+    Raises:
+        BundleError: no bundled model has that name (the message lists those that do).
+    """
+    if name not in BUNDLED_MODELS:
+        raise BundleError(f"no bundled model is called {name!r}; the bundled models are "
+                          f"{', '.join(BUNDLED_MODELS)}")
+    return Path(str(resources.files("pneumoscan") / BUNDLED_MODELS[name][0]))
+
+
+def resolve_model(text: str) -> Path:
+    """What ``--model`` names: a bundled model's name (``default``, ``fast``) or a bundle
+    directory. A bare bundled model's name means that model even where a folder of that name
+    exists here; ``./fast`` names the folder."""
+    return bundled_model_path(text) if text in BUNDLED_MODELS else Path(text)
 
 
 def sha256_file(path: Path) -> str:
@@ -200,9 +226,15 @@ def check_files(directory: Path, manifest: dict[str, str], *, skip: tuple[str, .
 
 
 def _expected_digest(directory: Path, expected_digest: str | None) -> str | None:
-    if expected_digest is None and DEFAULT_BUNDLE_DIGEST and directory.resolve() == default_bundle_path().resolve():
+    if expected_digest is not None:
+        return expected_digest
+    resolved = directory.resolve()
+    if DEFAULT_BUNDLE_DIGEST and resolved == default_bundle_path().resolve():
         return DEFAULT_BUNDLE_DIGEST
-    return expected_digest
+    for name, digest in BUNDLED_DIGESTS.items():
+        if resolved == bundled_model_path(name).resolve():
+            return digest
+    return None
 
 
 def _spec_of(directory: Path, manifest: dict[str, str]) -> BundleSpec:

@@ -171,14 +171,16 @@ class TorchRunner:
 
     @classmethod
     def for_bundle(cls, model: "Classifier | Ensemble", spec: BundleSpec, *,
-                   extractor: "Classifier | None" = None, with_cam: bool = False) -> "TorchRunner":
+                   extractor: "Classifier | None" = None, with_cam: bool = False,
+                   share_frozen_layers: bool = True) -> "TorchRunner":
         """The runner of a bundle's network (and of its gate's extractor, if it has one)."""
         from pneumoscan.models import PixelNetwork, backbone_info
 
         info = backbone_info(spec.gate.extractor) if extractor is not None and spec.gate is not None else None
         return cls(PixelNetwork(model.eval(), spec.mean, spec.std, extractor=extractor,
                                 extractor_mean=info.mean if info else None,
-                                extractor_std=info.std if info else None, with_cam=with_cam))
+                                extractor_std=info.std if info else None, with_cam=with_cam,
+                                share_frozen_layers=share_frozen_layers))
 
     def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import torch

@@ -91,7 +91,7 @@ def _efficientnet_lite(variant: int, weights: WeightsSource) -> BackboneParts:
     blocks = [nn.ModuleList([model.conv_stem, model.bn1]), *model.blocks,
               nn.ModuleList([model.conv_head, model.bn2])]
     return BackboneParts(features=features, num_features=model.num_features, blocks=blocks,
-                         cam_layer="bn2")
+                         cam_layer="bn2", sequential_blocks=True)
 
 
 _LITE_NORM: dict[str, Any] = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
@@ -175,7 +175,7 @@ def mobilenet_v2(weights: WeightsSource) -> BackboneParts:
     )
     features: nn.Sequential = model.features
     return BackboneParts(features=features, num_features=1280, blocks=list(features),
-                         cam_layer=str(len(features) - 1))
+                         cam_layer=str(len(features) - 1), sequential_blocks=True)
 
 
 @register_backbone()
@@ -189,7 +189,7 @@ def resnet50(weights: WeightsSource) -> BackboneParts:
                          ("layer3", model.layer3), ("layer4", model.layer4)):
         features.add_module(name, module)
     return BackboneParts(features=features, num_features=2048, blocks=list(features),
-                         cam_layer="layer4")
+                         cam_layer="layer4", sequential_blocks=True)
 
 
 @register_backbone()
@@ -206,7 +206,7 @@ def vgg19(weights: WeightsSource) -> BackboneParts:
             stages.append(nn.ModuleList(current))
             current = []
     return BackboneParts(features=features, num_features=512, blocks=stages,
-                         cam_layer=str(len(features) - 2))  # the last ReLU before the pool
+                         cam_layer=str(len(features) - 2), sequential_blocks=True)  # the last ReLU before the pool
 
 
 @register_backbone()
@@ -216,7 +216,7 @@ def efficientnet_b0(weights: WeightsSource) -> BackboneParts:
                                weights, "")
     features: nn.Sequential = model.features
     return BackboneParts(features=features, num_features=1280, blocks=list(features),
-                         cam_layer=str(len(features) - 1))
+                         cam_layer=str(len(features) - 1), sequential_blocks=True)
 
 
 class ViTFeatures(nn.Module):

@@ -32,13 +32,14 @@ class Classifier(nn.Module):
     """Backbone features -> head -> 2 logits. Input: normalised float ``B x 3 x S x S``."""
 
     def __init__(self, features: nn.Module, head: nn.Module, *, blocks: list[nn.Module],
-                 cam_layer: str) -> None:
+                 cam_layer: str, sequential_blocks: bool = False) -> None:
         super().__init__()
         self.features = features
         self.head = head
         # Plain list, not a ModuleList: the blocks are already registered under ``features``.
         self._blocks = blocks
         self.cam_layer = f"features.{cam_layer}"
+        self.sequential_blocks = sequential_blocks
 
     @property
     def blocks(self) -> list[nn.Module]:
@@ -48,6 +49,19 @@ class Classifier(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images -> the backbone's last feature map (``B x C x h x w``)."""
         return self.features(x)
+
+    def forward_blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Backbone stages ``blocks[start:stop]`` alone; all of them equal :meth:`forward_features`
+        (backbones whose :attr:`sequential_blocks` is true)."""
+        if not self.sequential_blocks:
+            raise ConfigError("this backbone's blocks cannot be run one by one")
+        for block in self._blocks[start:stop]:
+            if isinstance(block, nn.ModuleList):
+                for layer in block:
+                    x = layer(x)
+            else:
+                x = block(x)
+        return x
 
     def forward_head(self, feature_map: torch.Tensor) -> torch.Tensor:
         """Feature map -> the two class logits (NORMAL, PNEUMONIA)."""
@@ -102,6 +116,43 @@ def pooled(feature_map: torch.Tensor) -> torch.Tensor:
     return feature_map.mean(dim=(2, 3)) if feature_map.ndim == 4 else feature_map
 
 
+def _block_state(block: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return list(block.state_dict(keep_vars=False).items())
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.detach().contiguous().flatten().view(torch.uint8),
+                       b.detach().contiguous().flatten().view(torch.uint8))
+
+
+def shared_prefix(networks: Sequence[Classifier]) -> int:
+    """How many leading backbone blocks hold byte-identical weights and statistics in every one of
+    ``networks`` (0 unless there are two or more of one sequential architecture).
+
+    Fine-tuning leaves the first blocks of every network of a recipe at the ImageNet weights
+    they started from (frozen, batch norms in eval mode), and the gate's extractor is that same
+    frozen ImageNet network: those blocks compute the same numbers for all of them, so a graph
+    needs them once.
+    """
+    if len(networks) < 2 or not all(n.sequential_blocks for n in networks):
+        return 0
+    counts = {len(n.blocks) for n in networks}
+    if len(counts) != 1:
+        return 0
+    shared = 0
+    for index in range(counts.pop()):
+        first = _block_state(networks[0].blocks[index])
+        for other in networks[1:]:
+            state = _block_state(other.blocks[index])
+            if len(state) != len(first) or not all(
+                    name_a == name_b and _same_bytes(a, b) for (name_a, a), (name_b, b) in zip(first, state)):
+                return shared
+        shared += 1
+    return shared
+
+
 class PixelNetwork(nn.Module):
     """uint8 ``B x 1 x S x S`` pixels -> (uncalibrated log-odds of pneumonia ``B``, gate features ``B x C``).
 
@@ -109,11 +160,17 @@ class PixelNetwork(nn.Module):
     gate features are the pooled last feature map of ``extractor`` (a frozen ImageNet backbone, so
     the input gate does not move when fine-tuning does), or, for bundles without one, of the
     classifier itself.
+
+    The leading blocks that every member and the extractor hold byte for byte (the frozen
+    ImageNet layers, see :func:`shared_prefix`) run once, and their output feeds each network's
+    remaining blocks: the same numbers at less arithmetic (``share_frozen_layers=False`` runs
+    every network whole, for comparison).
     """
 
     def __init__(self, net: Classifier | Ensemble, mean: Sequence[float], std: Sequence[float], *,
                  extractor: Classifier | None = None, extractor_mean: Sequence[float] | None = None,
-                 extractor_std: Sequence[float] | None = None, with_cam: bool = False) -> None:
+                 extractor_std: Sequence[float] | None = None, with_cam: bool = False,
+                 share_frozen_layers: bool = True) -> None:
         super().__init__()
         self.net = net
         self.extractor = extractor
@@ -127,6 +184,10 @@ class PixelNetwork(nn.Module):
         self.with_cam = with_cam
         if with_cam and not supports_cam(net):
             raise ConfigError("a class activation map needs the pool head (global average pool, then linear)")
+        # The networks that see the same normalised input and may share their first blocks.
+        self.extractor_shares = extractor is not None and self.shared_input
+        group = _members(net) + ([extractor] if self.extractor_shares else [])
+        self.shared_blocks = shared_prefix(group) if share_frozen_layers else 0
 
     def gate_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """The extractor's pooled features alone (fitting a gate needs no log-odds)."""
@@ -136,11 +197,19 @@ class PixelNetwork(nn.Module):
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = normalize(pixels, self.mean_t, self.std_t)
         members = _members(self.net)
-        feature_maps = [member.forward_features(x) for member in members]
+        if self.shared_blocks:
+            trunk = members[0].forward_blocks(x, 0, self.shared_blocks)
+            feature_maps = [member.forward_blocks(trunk, self.shared_blocks) for member in members]
+        else:
+            feature_maps = [member.forward_features(x) for member in members]
         logits = torch.stack([m.forward_head(f) for m, f in zip(members, feature_maps)]).mean(dim=0)
         if self.extractor is not None:
-            x_gate = x if self.shared_input else normalize(pixels, self.extractor_mean_t, self.extractor_std_t)
-            features = pooled(self.extractor.forward_features(x_gate))
+            if self.shared_blocks and self.extractor_shares:
+                gate_map = self.extractor.forward_blocks(trunk, self.shared_blocks)
+            else:
+                x_gate = x if self.shared_input else normalize(pixels, self.extractor_mean_t, self.extractor_std_t)
+                gate_map = self.extractor.forward_features(x_gate)
+            features = pooled(gate_map)
         else:
             features = pooled(feature_maps[0])
         log_odds = logits[:, 1] - logits[:, 0]

@@ -30,6 +30,9 @@ class BackboneParts:
     num_features: int
     blocks: list[nn.Module]  # shallow -> deep; the last N are unfrozen by --finetune-blocks N
     cam_layer: str  # dotted name inside ``features`` of the layer Grad-CAM reads
+    # Running ``blocks`` in order (a ModuleList's layers in order) computes exactly ``features``:
+    # then networks whose first blocks hold the same weights can compute those blocks once.
+    sequential_blocks: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,8 @@ def create_classifier(backbone: str, *, weights: WeightsSource = "none", head: s
     feature_hw = _feature_hw(parts.features, input_size)
     head_module = build_head(head, num_features=parts.num_features, feature_hw=feature_hw,
                              dropout=dropout)
-    return Classifier(parts.features, head_module, blocks=parts.blocks, cam_layer=parts.cam_layer)
+    return Classifier(parts.features, head_module, blocks=parts.blocks, cam_layer=parts.cam_layer,
+                      sequential_blocks=parts.sequential_blocks)
 
 
 def _feature_hw(features: nn.Module, input_size: int) -> tuple[int, int]:
