@@ -17,7 +17,7 @@ LIGHT_TESTS := tests/test_light.py tests/test_web.py tests/test_web_ops.py tests
 	tests/test_progress.py tests/test_foreign_bundles.py tests/test_cli_hostile.py tests/test_connections.py \
 	tests/test_dicom_node.py
 
-.PHONY: install serve test test-full test-light docs bench-quality clean reproduce-model
+.PHONY: install serve test test-full test-light docs bench-quality clean reproduce-model reproduce-fast-model
 
 $(SERVE_STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ docs: $(STAMP)
 # Rebuild the bundled model from scratch (3 members x ~15-30 min, gate ~10-20 min on 2 cores).
 reproduce-model: $(STAMP)
 	scripts/reproduce_default_model.sh $(DATA) $(or $(OUT),runs/reproduce)
+
+# Rebuild the bundled fast model (one network distilled from the default; ~1-1.5 hours on 2 cores).
+reproduce-fast-model: $(STAMP)
+	scripts/reproduce_fast_model.sh $(DATA) $(or $(OUT),runs/reproduce-fast)
 
 clean:
 	rm -rf $(VENV) $(LIGHT) $(TEST_BUNDLE) build dist src/*.egg-info .pytest_cache

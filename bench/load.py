@@ -1,7 +1,11 @@
 """Load test: ``pneumoscan serve`` on 127.0.0.1, concurrent clients posting X-rays, bounded in time.
 
     python bench/load.py [--data ../shared/data/chest_xray] [--duration 60] [--clients 8,32]
-                         [--workers N] [--threads 8] [--model BUNDLE]
+                         [--workers N] [--threads 8] [--model BUNDLE ...]
+
+``--model`` may be repeated (a folder or a bundled model's name: ``--model default --model
+fast``): each model is served in turn, one server at a time, and the last lines compare their
+requests/s at each concurrency level.
 
 Starts its own server (gunicorn, the same command a user runs), waits for /readyz, then for each
 concurrency level runs that many clients for ``--duration`` seconds (at most ``--max-requests``
@@ -200,7 +204,7 @@ class ServedApp:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="Kaggle-layout root: post real test X-rays (default: synthetic)")
-    parser.add_argument("--model", type=Path)
+    parser.add_argument("--model", action="append", help="bundle folder or bundled model name (repeatable)")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds per concurrency level")
     parser.add_argument("--clients", default="8,32", help="concurrency levels, comma-separated")
     parser.add_argument("--max-requests", type=int, default=20000, help="cap per level")
@@ -209,28 +213,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="auto")
     args = parser.parse_args(argv)
 
-    with ServedApp(model=args.model, workers=args.workers, threads=args.threads, backend=args.backend) as server:
-        peak = [server.rss_mb()]
-        stop = threading.Event()
+    levels = [int(c) for c in args.clients.split(",")]
+    payloads = [_multipart(name, data) for name, data in _images(args.data)]
+    rates: dict[str, dict[int, float]] = {}
+    for model in args.model or [None]:
+        name = model or "default"
+        with ServedApp(model=model, workers=args.workers, threads=args.threads, backend=args.backend) as server:
+            peak = [server.rss_mb()]
+            stop = threading.Event()
 
-        def watch_memory() -> None:
-            while not stop.wait(0.5):
-                peak[0] = max(peak[0], server.rss_mb())
+            def watch_memory() -> None:
+                while not stop.wait(0.5):
+                    peak[0] = max(peak[0], server.rss_mb())
 
-        threading.Thread(target=watch_memory, daemon=True).start()
-        payloads = [_multipart(name, data) for name, data in _images(args.data)]
-        print(f"server: {server.describe()}; {len(payloads)} distinct images "
-              f"({'real test X-rays' if args.data else 'synthetic'}); idle memory (PSS) {peak[0]:.0f} MB")
-        header = f"{'clients':>7} {'requests':>9} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7}"
-        print(header)
-        print("-" * len(header))
-        for clients in (int(c) for c in args.clients.split(",")):
-            r = run_level(server.port, payloads, clients, args.duration, args.max_requests,
-                          expect_ok=args.data is not None)
-            print(f"{r['clients']:>7} {r['requests']:>9} {r['rps']:>7.1f} {r['p50']:>8.1f} {r['p95']:>8.1f} "
-                  f"{r['p99']:>8.1f} {r['errors']:>7} {' '.join(r['error_kinds'])}")
-        stop.set()
-        print(f"peak server memory (PSS, master + workers): {peak[0]:.0f} MB")
+            threading.Thread(target=watch_memory, daemon=True).start()
+            print(f"model {name}; server: {server.describe()}; {len(payloads)} distinct images "
+                  f"({'real test X-rays' if args.data else 'synthetic'}); idle memory (PSS) {peak[0]:.0f} MB")
+            header = f"{'clients':>7} {'requests':>9} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7}"
+            print(header)
+            print("-" * len(header))
+            for clients in levels:
+                r = run_level(server.port, payloads, clients, args.duration, args.max_requests,
+                              expect_ok=args.data is not None)
+                rates.setdefault(name, {})[clients] = r["rps"]
+                print(f"{r['clients']:>7} {r['requests']:>9} {r['rps']:>7.1f} {r['p50']:>8.1f} {r['p95']:>8.1f} "
+                      f"{r['p99']:>8.1f} {r['errors']:>7} {' '.join(r['error_kinds'])}")
+            stop.set()
+            print(f"peak server memory (PSS, master + workers): {peak[0]:.0f} MB\n")
+    if len(rates) > 1:
+        first, *others = rates
+        for other in others:
+            ratios = ", ".join(f"{rates[other][c] / rates[first][c]:.2f}x at {c} clients" for c in levels)
+            print(f"req/s, {other} / {first}: {ratios}")
     return 0
 
 

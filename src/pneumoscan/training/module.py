@@ -28,7 +28,9 @@ class PneumoniaClassifier(pl.LightningModule):
                  val_class_weights: tuple[float, float] | None = None, plateau_patience: int = 1,
                  plateau_factor: float = 0.3, label_smoothing: float = 0.0) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net"])
+        # Lightning collects a subclass's arguments here too: a distillation's teacher is a module
+        # kept out of the hyperparameters (and would warn), as the network is.
+        self.save_hyperparameters(ignore=["net", "teacher"])
         self.net = net
         self.register_buffer("class_weights", torch.tensor(class_weights or (1.0, 1.0)),
                              persistent=False)
