@@ -15,7 +15,7 @@ PORT ?= 8000
 LIGHT_TESTS := tests/test_light.py tests/test_web.py tests/test_web_ops.py tests/test_api_contract.py \
 	tests/test_browser.py tests/test_hostile.py tests/test_security.py tests/test_dicom.py tests/test_review.py \
 	tests/test_progress.py tests/test_foreign_bundles.py tests/test_cli_hostile.py tests/test_connections.py \
-	tests/test_dicom_node.py
+	tests/test_dicom_node.py tests/test_bundled_models.py
 
 .PHONY: install serve test test-full test-light docs bench-quality clean reproduce-model reproduce-fast-model
 
