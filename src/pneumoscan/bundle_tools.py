@@ -173,6 +173,10 @@ def fit_bundle_gate(bundle_dir: Path | None, data_root: Path, out_dir: Path, *, 
     if extractor:
         info = backbone_info(extractor)
         frozen = create_classifier(extractor, weights="imagenet", input_size=spec.input_size).eval()
+        for parameter in frozen.head.parameters():
+            # never used (the gate reads the features), but randomly initialised: zeroed, so that
+            # every gate on this extractor stores the same file
+            torch.nn.init.zeros_(parameter)
         frozen.half().float()  # the precision it is stored in
         network = PixelNetwork(predictor.model, spec.mean, spec.std, extractor=frozen,
                                extractor_mean=info.mean, extractor_std=info.std).eval()

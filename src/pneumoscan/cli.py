@@ -354,21 +354,7 @@ def backbones() -> None:
         _echo(f"{name:<20} {backbone_info(name).description}")
 
 
-@app.command()
-def models() -> None:
-    """List the bundled models: the names --model takes, what each is, and its test figures."""
-    from pneumoscan.integrity import BUNDLED_MODELS, bundled_model_path, read_spec
-
-    for name, (_, description) in BUNDLED_MODELS.items():
-        spec = read_spec(bundled_model_path(name))
-        point = spec.reported_metrics.get("test", {}).get("operating_points", {}).get("balanced", {})
-        figures = ", ".join(f"{label} {point[key]['value']:.3f}" for key, label in (
-            ("accuracy", "accuracy"), ("f1_weighted", "weighted F1"), ("roc_auc", "AUC")) if key in point)
-        _echo(f"{name:<8} {description}")
-        _echo(f"{'':<8} {spec.name}" + (f"; official test split: {figures}" if figures else ""))
-
-
-# The commands that make or rewrite a model bundle (train, calibrate, fit-gate, ensemble, export).
+# The commands that make, rewrite or list model bundles (train, calibrate, fit-gate, ensemble, export, models).
 from pneumoscan import cli_dicom, cli_model  # noqa: E402,F401  (registers them on ``app``)
 
 

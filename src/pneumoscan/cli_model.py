@@ -1,5 +1,6 @@
 """The ``pneumoscan`` commands that make or rewrite a model bundle: train, calibrate, fit-gate,
-ensemble, export. They register on :data:`pneumoscan.cli.app`; each imports its module when run.
+ensemble, export; and ``models``, which lists the bundled ones. They register on
+:data:`pneumoscan.cli.app`; each imports its module when run.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from pneumoscan.cli import ModelOption, QuietOption, _fail, app
+from pneumoscan.cli import ModelOption, QuietOption, _echo, _fail, app
 
 
 def _train(**values: Any) -> None:
@@ -207,3 +208,17 @@ def seal(model: Annotated[Path, typer.Option("--model", help="Bundle directory w
     from pneumoscan.models import seal_bundle
 
     typer.echo(f"sealed {model}; its digest (pneumoscan serve --model-sha256): {seal_bundle(model)}")
+
+
+@app.command()
+def models() -> None:
+    """List the bundled models: the names --model takes, what each is, and its test figures."""
+    from pneumoscan.integrity import BUNDLED_MODELS, bundled_model_path, read_spec
+
+    for name, (_, description) in BUNDLED_MODELS.items():
+        spec = read_spec(bundled_model_path(name))
+        point = spec.reported_metrics.get("test", {}).get("operating_points", {}).get("balanced", {})
+        figures = ", ".join(f"{label} {point[key]['value']:.3f}" for key, label in (
+            ("accuracy", "accuracy"), ("f1_weighted", "weighted F1"), ("roc_auc", "AUC")) if key in point)
+        _echo(f"{name:<8} {description}")
+        _echo(f"{'':<8} {spec.name}" + (f"; official test split: {figures}" if figures else ""))
