@@ -11,6 +11,8 @@ P=${PNEUMOSCAN:-.venv/bin/pneumoscan}
 if [ ! -f "$OUT/bundle/model.json" ]; then
   resume=()
   [ -f "$OUT/checkpoints/last.ckpt" ] && resume=(--resume)
-  "$P" distill --teacher src/pneumoscan/default_model --data "$DATA" --out "$OUT" --seed 0 --split-seed 0 "${resume[@]}"
+  "$P" distill --teacher src/pneumoscan/default_model --data "$DATA" --out "$OUT" --seed 0 --split-seed 0 \
+    --population "Kermany et al. (2018) chest X-ray set: paediatric patients aged 1-5, anterior-posterior views, one centre (Guangzhou Women and Children's Medical Center)." \
+    "${resume[@]}"
 fi
 echo "bundle: $OUT/bundle (evaluate it with: $P evaluate --data $DATA --split validation --model $OUT/bundle)"

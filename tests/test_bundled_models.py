@@ -47,6 +47,8 @@ def test_the_fast_model_is_one_network_distilled_from_the_default() -> None:
     assert fast.members == 1 and default.members == 3
     card = model_card(fast)
     assert card["distilled_from"]["name"] == default.name
+    assert card["population"] == model_card(default)["population"]  # both learnt from the Kermany films
+    assert "Guangzhou" in card["population"]
     # the same split, so its validation figures sit beside the default's
     assert fast.provenance.split_manifest_sha256 == default.provenance.split_manifest_sha256
     # the same frozen gate extractor (its unused classification head aside), so the graph

@@ -44,7 +44,7 @@ BUNDLED_MODELS: dict[str, tuple[str, str]] = {
 }
 #: Each bundled model's pinned digest (the default's is :data:`DEFAULT_BUNDLE_DIGEST`).
 BUNDLED_DIGESTS: dict[str, str] = {
-    "fast": "e5ed0b50143256e303fa918e27947811a5964d4b52d079e69880d5482b871af4",
+    "fast": "a6e84c6588b4b0873c4a18c77bb1781ec375d5383c5aa404bdf629b64aaa81c6",
 }
 _FORMAT = 1
 #: The most a bundle's JSON files (model.json, the manifest) may hold, and how deeply they may
