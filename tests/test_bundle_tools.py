@@ -100,7 +100,8 @@ def test_independent_gate_stays_when_the_classifier_changes(ensemble_bundle: Pat
     assert a.predict([noise])[0].reasons == ("out_of_distribution",)
     # the extractor file is checked like the weights
     extractor = tmp_path / "gated" / "gate_extractor.safetensors"
-    extractor.write_bytes(extractor.read_bytes()[:-4] + b"\0\0\0\0")
+    data = extractor.read_bytes()  # its last bytes may be zeros already (the unused head is zeroed): flip them
+    extractor.write_bytes(data[:-4] + bytes(byte ^ 0xFF for byte in data[-4:]))
     from pneumoscan.errors import BundleError
 
     with pytest.raises(BundleError, match="gate_extractor.safetensors"):
