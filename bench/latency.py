@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pneumoscan.imaging import Preprocessing
     from pneumoscan.inference import Predictor
-    from pneumoscan.models import PixelNetwork, backbone_info, create_classifier
+    from pneumoscan.models import PixelNetwork, backbone_info, create_classifier, load_gate_extractor
     from pneumoscan.runtime import OnnxRunner
 
     torch.set_grad_enabled(False)
@@ -128,18 +128,18 @@ def main(argv: list[str] | None = None) -> int:
         spec = eager.spec
         label = f"{model or 'default'}: {spec.backbone}{f' x{spec.members}' if spec.members > 1 else ''}"
         pixels = eager.preprocessing.pixels(eager.preprocessing.decode(jpeg))[None]
-        gflop = network_gflop(eager.model, spec.input_size) + _extractor_gflop(eager, spec.input_size)
+        extractor = load_gate_extractor(eager.directory, spec)
+        gflop = network_gflop(eager.model, spec.input_size) + (
+            0.0 if extractor is None else network_gflop(extractor, spec.input_size))
         engines.append((f"{label}, PyTorch eager", bundle_end_to_end(eager),
                         lambda e=eager, p=pixels: e.forward(p), gflop, args.repeats, None))
         engines.append((f"{label}, ONNX Runtime", bundle_end_to_end(onnx),
                         lambda o=onnx, p=pixels: o.forward(p), gflop, args.repeats, model or "default"))
         if args.unshared:
             from pneumoscan.export import export_onnx
-            from pneumoscan.models import load_gate_extractor
 
             path = Path(scratch.name) / f"{len(loaded)}-unshared.onnx"
-            export_onnx(eager.model, spec, path, extractor=load_gate_extractor(eager.directory, spec),
-                        share_frozen_layers=False)
+            export_onnx(eager.model, spec, path, extractor=extractor, share_frozen_layers=False)
             whole = Predictor(eager.model, spec, OnnxRunner(path), gate=onnx.gate)
             engines.append((f"{label}, ONNX Runtime, unshared", bundle_end_to_end(whole),
                             lambda w=whole, p=pixels: w.forward(p), gflop, args.repeats, None))
@@ -181,14 +181,6 @@ def main(argv: list[str] | None = None) -> int:
         ensemble_latency(loaded[0][2], jpeg, [int(k) for k in args.members.split(",") if k.strip()], args.repeats)
     scratch.cleanup()
     return 0
-
-
-def _extractor_gflop(predictor, size: int) -> float:
-    """GFLOP of the gate's frozen extractor, which the graph computes beside the classifier."""
-    from pneumoscan.models import load_gate_extractor
-
-    extractor = load_gate_extractor(predictor.directory, predictor.spec)
-    return 0.0 if extractor is None else network_gflop(extractor, size)
 
 
 def ensemble_latency(eager, jpeg: bytes, sizes: list[int], repeats: int) -> None:
